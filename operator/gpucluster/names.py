@@ -1,0 +1,47 @@
+"""Every label, annotation, taint, condition type and resource name gpucluster
+reads or writes, defined once. Names the ecosystem already uses (NVIDIA GPU
+feature discovery, the device plugin, KWOK) are kept exactly as upstream spells
+them so other tools interoperate."""
+
+GROUP = "gpucluster.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Resource and GPU feature discovery labels (NVIDIA's spelling).
+GPU_RESOURCE = "nvidia.com/gpu"
+LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
+LABEL_GPU_COUNT = "nvidia.com/gpu.count"
+LABEL_GPU_MEMORY = "nvidia.com/gpu.memory"
+LABEL_GPU_FAMILY = "nvidia.com/gpu.family"
+LABEL_GPU_COMPUTE_MAJOR = "nvidia.com/gpu.compute.major"
+LABEL_GPU_COMPUTE_MINOR = "nvidia.com/gpu.compute.minor"
+LABEL_GPU_PRESENT = "nvidia.com/gpu.present"
+
+# The quarantine taint NVIDIA's tooling uses for a node with a failed GPU.
+TAINT_GPU_ERROR = "nvidia.com/gpu-error"
+
+# KWOK takes over the kubelet role for nodes carrying this annotation.
+ANNOTATION_KWOK_NODE = "kwok.x-k8s.io/node"
+KWOK_NODE_VALUE = "fake"
+
+# Ownership of nodes: the labels on the nodes are the state of a pool.
+LABEL_CLUSTER = f"{GROUP}/cluster"
+LABEL_POOL = f"{GROUP}/pool"
+LABEL_PROVIDER = f"{GROUP}/provider"
+LABEL_BLOCK = f"{GROUP}/block"
+LABEL_RACK = f"{GROUP}/rack"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "gpucluster"
+
+# Written by the node agent: the node condition both the job controller and
+# remediation read, and the number of GPUs the agent found healthy.
+CONDITION_GPU_HEALTHY = "GPUHealthy"
+ANNOTATION_HEALTHY_GPUS = f"{GROUP}/healthy-gpus"
+ANNOTATION_UNHEALTHY_GPUS = f"{GROUP}/unhealthy-gpus"
+
+# Job pods.
+LABEL_JOB_NAME = f"{GROUP}/job"
+LABEL_JOB_RANK = f"{GROUP}/rank"
+LABEL_JOB_ATTEMPT = f"{GROUP}/attempt"
+
+FINALIZER = f"{GROUP}/finalizer"
