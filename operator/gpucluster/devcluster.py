@@ -1,0 +1,410 @@
+"""A real local Kubernetes control plane with KWOK-simulated GPU nodes.
+
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the KWOK
+controller run as plain processes on 127.0.0.1, with TLS and client
+certificates made here, RBAC on, and every port picked free at start so two
+checkouts can run side by side. It is the embedded default of the demo and
+of the integration tests: no Docker and no existing cluster needed.
+
+Standard library only, so `hack/cluster.sh` works before any virtualenv.
+The binaries come from `hack/build-binaries.sh` (built once, then cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
+DEFAULT_STATE_DIR = REPO_ROOT / ".local-cluster"
+READY_TIMEOUT_S = 60.0
+SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CLUSTER_IP = "10.96.0.1"
+
+
+class ClusterError(RuntimeError):
+    """A component failed to start; the message carries the tail of its log."""
+
+
+@dataclass
+class ClusterState:
+    state_dir: str
+    bin_dir: str
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> str:
+        return str(Path(self.state_dir) / "admin.kubeconfig")
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    def save(self) -> None:
+        (Path(self.state_dir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ClusterState | None:
+        path = state_dir / "state.json"
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def bin_dir() -> Path:
+    """Builds the binaries if the cache lacks them, and returns their folder."""
+    subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
+    out = subprocess.run(
+        ["bash", "-c", f"source {REPO_ROOT / 'hack' / 'lib.sh'} && echo $BIN_DIR"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(out.stdout.strip())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _make_pki(pki: Path) -> None:
+    """A CA, the API server's serving certificate, one client certificate per
+    identity, and the service-account signing key pair. Made once per state
+    folder and reused by later `up`s."""
+    if (pki / "done").exists():
+        return
+    pki.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
+             "-days", "3650", "-subj", "/CN=gpucluster-local-ca")
+
+    def issue(name: str, subject: str, extensions: str) -> None:
+        ext = pki / f"{name}.ext"
+        ext.write_text(extensions)
+        _openssl("req", *ec, "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.csr"),
+                 "-subj", subject)
+        _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
+                 "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "3650",
+                 "-out", str(pki / f"{name}.crt"), "-extfile", str(ext))
+
+    issue("apiserver", "/CN=kube-apiserver",
+          "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+          "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,"
+          f"DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:{SERVICE_CLUSTER_IP}\n")
+    client_ext = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                  "extendedKeyUsage=clientAuth\n")
+    issue("admin", "/O=system:masters/CN=gpucluster-admin", client_ext)
+    issue("controller-manager", "/CN=system:kube-controller-manager", client_ext)
+    issue("scheduler", "/CN=system:kube-scheduler", client_ext)
+    # KWOK plays every kubelet and patches node and pod status cluster-wide.
+    issue("kwok", "/O=system:masters/CN=kwok-controller", client_ext)
+    _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+    _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+    (pki / "done").write_text("")
+
+
+def _write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
+    path.write_text(json.dumps({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "gpucluster-local", "cluster": {
+            "server": server, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [{"name": user, "user": {
+            "client-certificate": str(pki / f"{user}.crt"),
+            "client-key": str(pki / f"{user}.key")}}],
+        "contexts": [{"name": "gpucluster-local", "context": {
+            "cluster": "gpucluster-local", "user": user}}],
+        "current-context": "gpucluster-local",
+    }, indent=2))
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _alive(pid: int, binary: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return cmdline == binary
+
+
+# Processes started by this `up`: their liveness is asked of the Popen
+# object, since /proc/<pid>/cmdline can still read the parent's just after exec.
+_children: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def _start(state: ClusterState, name: str, args: list[str]) -> None:
+    binary = str(Path(state.bin_dir) / args[0])
+    log_path = str(Path(state.state_dir) / "logs" / f"{name}.log")
+    with open(log_path, "ab") as log:
+        # A session of its own: the cluster outlives the `up` command and is
+        # stopped only by `down`, by pid.
+        proc = subprocess.Popen([binary, *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    _children[name] = proc
+    state.pids[name] = proc.pid
+    state.logs[name] = log_path
+    state.save()
+
+
+def _wait_until(state: ClusterState, name: str, check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _children[name].poll() is not None:
+            raise ClusterError(f"{name} exited before {what}; last lines of "
+                               f"{state.logs[name]}:\n{_tail(state.logs[name])}")
+        if check():
+            return
+        time.sleep(0.2)
+    raise ClusterError(f"{name} not {what} after {READY_TIMEOUT_S:.0f} s; last lines of "
+                       f"{state.logs[name]}:\n{_tail(state.logs[name])}")
+
+
+def _https_ok(state: ClusterState, url: str) -> bool:
+    pki = Path(state.state_dir) / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _local_https_ok(port: int, path: str) -> bool:
+    """Health of kube-controller-manager and kube-scheduler, whose serving
+    certificates are self-signed: only liveness is asked of them here."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=ctx,
+                                    timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+_BINARIES = {
+    "etcd": "etcd",
+    "kube-apiserver": "kube-apiserver",
+    "kube-controller-manager": "kube-controller-manager",
+    "kube-scheduler": "kube-scheduler",
+    "kwok": "kwok",
+}
+
+
+def status(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState | None:
+    """The running cluster of this state folder, or None when none runs."""
+    state = ClusterState.load(state_dir)
+    if state is None or not state.pids:
+        return None
+    running = [n for n, pid in state.pids.items()
+               if _alive(pid, str(Path(state.bin_dir) / _BINARIES[n]))]
+    return state if running else None
+
+
+def up(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState:
+    """Starts the control plane and KWOK, and returns once the API server is
+    ready, the controllers and scheduler are healthy, and the `default`
+    service account exists (pods can be created)."""
+    if status(state_dir) is not None:
+        raise ClusterError(f"a cluster of {state_dir} is already up; "
+                           f"`hack/cluster.sh down` first, or use KUBECONFIG={state_dir}/admin.kubeconfig")
+    started = time.monotonic()
+    binaries = bin_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("etcd-data", "logs", "cert-dir"):
+        shutil.rmtree(state_dir / stale, ignore_errors=True)
+    (state_dir / "logs").mkdir()
+    pki = state_dir / "pki"
+    _make_pki(pki)
+    state = ClusterState(state_dir=str(state_dir), bin_dir=str(binaries))
+    state.ports = {name: _free_port() for name in
+                   ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+    state.save()
+    for user in ("admin", "controller-manager", "scheduler", "kwok"):
+        _write_kubeconfig(state_dir / f"{user}.kubeconfig", state.server, pki, user)
+    try:
+        _start_all(state, pki)
+    except BaseException:
+        down(state_dir)
+        raise
+    print(f"cluster up in {time.monotonic() - started:.1f} s: {state.server}", file=sys.stderr)
+    return state
+
+
+def _start_all(state: ClusterState, pki: Path) -> None:
+    sd = Path(state.state_dir)
+    p = state.ports
+    etcd_url = f"http://127.0.0.1:{p['etcd']}"
+    peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
+    _start(state, "etcd", [
+        "etcd", "--name=local", f"--data-dir={sd / 'etcd-data'}",
+        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+        f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+        f"--initial-cluster=local={peer_url}", "--quota-backend-bytes=8589934592",
+        # A throwaway test store: durability across power loss buys nothing here.
+        "--unsafe-no-fsync", "--log-level=warn",
+    ])
+    _wait_until(state, "etcd", lambda: _http_ok(f"{etcd_url}/health"), "healthy")
+
+    _start(state, "kube-apiserver", [
+        "kube-apiserver", f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        f"--secure-port={p['apiserver']}", f"--cert-dir={sd / 'cert-dir'}",
+        f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+        # Room for the provisioning benchmark's thousands of concurrent writes.
+        "--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000",
+        "--profiling=false", "--v=1",
+    ])
+    _wait_until(state, "kube-apiserver",
+                lambda: _https_ok(state, f"{state.server}/readyz"), "ready")
+
+    _start(state, "kube-controller-manager", [
+        "kube-controller-manager", f"--kubeconfig={sd / 'controller-manager.kubeconfig'}",
+        f"--authentication-kubeconfig={sd / 'controller-manager.kubeconfig'}",
+        f"--authorization-kubeconfig={sd / 'controller-manager.kubeconfig'}",
+        "--bind-address=127.0.0.1", f"--secure-port={p['controller-manager']}",
+        f"--cert-dir={sd / 'cert-dir'}", "--leader-elect=false",
+        "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={pki / 'sa.key'}",
+        f"--root-ca-file={pki / 'ca.crt'}",
+        f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+        f"--cluster-signing-key-file={pki / 'ca.key'}",
+        "--kube-api-qps=200", "--kube-api-burst=400", "--v=1",
+    ])
+    _start(state, "kube-scheduler", [
+        "kube-scheduler", f"--kubeconfig={sd / 'scheduler.kubeconfig'}",
+        f"--authentication-kubeconfig={sd / 'scheduler.kubeconfig'}",
+        f"--authorization-kubeconfig={sd / 'scheduler.kubeconfig'}",
+        "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}",
+        "--leader-elect=false", "--v=1",
+    ])
+    _start(state, "kwok", [
+        "kwok", f"--kubeconfig={sd / 'kwok.kubeconfig'}",
+        "--manage-all-nodes=false",
+        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+        "--manage-nodes-with-label-selector=",
+        # A node or pod carrying this annotation keeps the status a test wrote.
+        "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
+        "--disregard-status-with-label-selector=",
+        "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1",
+        f"--server-address=127.0.0.1:{p['kwok']}",
+    ])
+    _wait_until(state, "kube-controller-manager",
+                lambda: _local_https_ok(p["controller-manager"], "/healthz"), "healthy")
+    _wait_until(state, "kube-scheduler",
+                lambda: _local_https_ok(p["scheduler"], "/healthz"), "healthy")
+    _wait_until(state, "kwok", lambda: _http_ok(f"http://127.0.0.1:{p['kwok']}/healthz"),
+                "healthy")
+    _wait_until(state, "kube-controller-manager",
+                lambda: _https_ok(state, f"{state.server}/api/v1/namespaces/default/serviceaccounts/default"),
+                "creating the default service account")
+
+
+def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
+    """Stops every process this state folder started, by pid: SIGTERM, then
+    SIGKILL after 10 s. Returns the names of those it stopped."""
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return []
+    stopped = []
+    # Reverse start order: clients first, etcd last.
+    for name in reversed(list(state.pids)):
+        pid = state.pids[name]
+        binary = str(Path(state.bin_dir) / _BINARIES[name])
+        if not _alive(pid, binary):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _alive(pid, binary) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid, binary):
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(name)
+    state.pids = {}
+    state.save()
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpucluster dev-cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status", "env", "build"])
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="where certificates, kubeconfigs, logs and pids live (default: %(default)s)")
+    args = parser.parse_args(argv)
+    state_dir: Path = args.state_dir.resolve()
+    try:
+        if args.action == "build":
+            print(bin_dir())
+        elif args.action == "up":
+            state = up(state_dir)
+            print(f"export KUBECONFIG={state.kubeconfig}")
+            print(f"# logs: {Path(state.state_dir) / 'logs'}", file=sys.stderr)
+        elif args.action == "down":
+            stopped = down(state_dir)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
+        elif args.action == "status":
+            state = status(state_dir)
+            if state is None:
+                print("down", file=sys.stderr)
+                return 1
+            print(json.dumps({"server": state.server, "kubeconfig": state.kubeconfig,
+                              "pids": state.pids, "logs": state.logs}, indent=2))
+        elif args.action == "env":
+            state = status(state_dir)
+            if state is None:
+                print("no cluster is up; run `hack/cluster.sh up`", file=sys.stderr)
+                return 1
+            print(f"export KUBECONFIG={state.kubeconfig}")
+            print(f"export PATH={state.bin_dir}:$PATH")
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
