@@ -1,1 +1,3 @@
-"""handlers"""
+"""Kopf handlers; importing this package registers all of them."""
+
+from . import cluster, indexes  # noqa: F401

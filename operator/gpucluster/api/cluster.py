@@ -1,0 +1,158 @@
+"""TrainingCluster: node pools of H100/H200 nodes, reconciled to the declared
+size and kept healthy. Cluster-scoped, short name `tc`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
+
+from .common import DNS_LABEL_PATTERN, CamelModel, Condition, Taint
+from .gpus import GPUProduct
+
+KIND = "TrainingCluster"
+PLURAL = "trainingclusters"
+MAX_POOLS = 32
+# Node names are "<cluster>-<pool>-<5-digit ordinal>"; these bounds keep them
+# valid label values (63 characters) too.
+MAX_CLUSTER_NAME = 30
+MAX_POOL_NAME = 24
+
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
+
+
+class Provider(StrEnum):
+    KWOK = "kwok"
+    STATIC = "static"
+
+
+class PoolTopology(CamelModel):
+    """How the pool's nodes are grouped into racks and blocks, the units
+    placement packs a gang into (an NVLink/InfiniBand rail group, a scalable
+    unit). Written on each node as `gpucluster.dev/rack` and `gpucluster.dev/block`."""
+
+    nodesPerRack: int = Field(
+        default=4, ge=1, le=256, description="Nodes in one rack (written as label gpucluster.dev/rack)."
+    )
+    racksPerBlock: int = Field(
+        default=8, ge=1, le=256, description="Racks in one block (written as label gpucluster.dev/block)."
+    )
+
+
+class NodePool(CamelModel):
+    """A set of identical GPU nodes."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.provider != 'static' || has(self.nodeSelector)",
+                    "message": "nodeSelector is required when provider is static: it selects the existing nodes to adopt",
+                    "fieldPath": ".nodeSelector",
+                    "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "self.provider != 'kwok' || !has(self.nodeSelector)",
+                    "message": "nodeSelector is only for provider static: a kwok pool creates its own nodes; remove nodeSelector or set provider: static",
+                    "fieldPath": ".nodeSelector",
+                    "reason": "FieldValueForbidden",
+                },
+            ]
+        }
+    )
+
+    name: str = Field(
+        description="Pool name, unique in the cluster; a DNS label, written on nodes as gpucluster.dev/pool.",
+        min_length=1,
+        max_length=MAX_POOL_NAME,
+        pattern=DNS_LABEL_PATTERN,
+    )
+    gpu: GPUProduct = Field(description="The GPU product of every node of the pool.")
+    gpusPerNode: int = Field(default=8, ge=1, le=8, description="GPUs per node, 1 to 8.")
+    nodes: int = Field(
+        ge=0,
+        le=99999,
+        description="Desired number of nodes. 0 keeps the pool with no nodes.",
+    )
+    provider: Provider = Field(
+        default=Provider.KWOK,
+        description="kwok creates simulated nodes that KWOK runs; static adopts existing nodes "
+        "matching nodeSelector and never deletes them.",
+    )
+    nodeSelector: dict[str, LabelValue] | None = Field(
+        default=None,
+        description="Labels of the existing nodes a static pool adopts. Required for static, "
+        "forbidden for kwok.",
+        json_schema_extra={"minProperties": 1, "maxProperties": 32},
+    )
+    topology: PoolTopology = Field(
+        default_factory=PoolTopology, description="Racks and blocks the nodes are grouped into."
+    )
+    labels: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        description="Extra labels on every node of the pool.",
+        json_schema_extra={"maxProperties": 64},
+    )
+    taints: list[Taint] = Field(
+        default_factory=list,
+        description="Taints on every node of the pool.",
+        max_length=32,
+    )
+
+
+class TrainingClusterSpec(CamelModel):
+    pools: list[NodePool] = Field(
+        description="Node pools; names must be unique.",
+        min_length=1,
+        max_length=MAX_POOLS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+class PoolStatus(CamelModel):
+    name: str = Field(description="Pool name.")
+    gpu: str = Field(default="", description="GPU product.")
+    desiredNodes: int = Field(default=0, description="Nodes the spec asks for.")
+    nodes: int = Field(default=0, description="Nodes that exist and belong to the pool.")
+    readyNodes: int = Field(default=0, description="Nodes whose Ready condition is True.")
+    healthyNodes: int = Field(
+        default=0, description="Ready nodes whose GPUs are healthy and that are not cordoned."
+    )
+    desiredGPUs: int = Field(default=0, description="desiredNodes x gpusPerNode.")
+    readyGPUs: int = Field(default=0, description="GPUs on ready nodes.")
+    healthyGPUs: int = Field(default=0, description="GPUs on healthy nodes.")
+
+
+class TrainingClusterStatus(CamelModel):
+    observedGeneration: int = Field(default=0, description="The generation last reconciled.")
+    pools: list[PoolStatus] = Field(default_factory=list, description="Per-pool counts.")
+    nodes: str = Field(default="", description="Ready/desired nodes of all pools, e.g. 80/80.")
+    readyGPUs: int = Field(default=0, description="GPUs on ready nodes of all pools.")
+    healthyGPUs: int = Field(default=0, description="GPUs on healthy nodes of all pools.")
+    poolNames: str = Field(default="", description="Pool names, comma separated (for kubectl get).")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Progressing and Degraded."
+    )
+
+
+class TrainingCluster(CamelModel):
+    """A GPU training cluster: node pools of NVIDIA H100/H200 nodes that the
+    operator creates (kwok) or adopts (static), labels for topology-aware
+    placement, and keeps at the declared size."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.metadata.name.size() <= {MAX_CLUSTER_NAME} && "
+                    f"self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+                    "message": f"metadata.name must be a DNS label of at most {MAX_CLUSTER_NAME} "
+                    "characters (lower-case letters, digits, '-'): it is written on nodes as a label value",
+                }
+            ]
+        }
+    )
+
+    spec: TrainingClusterSpec
+    status: TrainingClusterStatus | None = None

@@ -1,0 +1,322 @@
+"""TrainingCluster handlers: read the indexes, plan each pool, apply, report.
+
+Every trigger (create, spec update, resume after a restart, and a periodic
+timer that catches drift) runs the same idempotent reconcile, serialised per
+cluster. The spec is re-read between batches of a long scale-up, so an edit
+made meanwhile is honoured at once rather than after the old plan finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import kopf
+import kubernetes
+import pydantic
+
+from gpucluster import metrics, names
+from gpucluster.api import cluster as api
+from gpucluster.kube import nodes as kube_nodes
+from gpucluster.kube.client import call, core, custom, status_of
+from gpucluster.planning.conditions import ConditionUpdate, merge_conditions
+from gpucluster.planning.pools import (
+    ObservedNode,
+    PoolCounts,
+    PoolPlan,
+    PoolProvider,
+    PoolShape,
+    StaticCandidate,
+    count_pool,
+    plan_pool,
+)
+
+CREATE_BATCH = 1000
+RESYNC_INTERVAL_S = 5.0
+_locks: dict[str, asyncio.Lock] = {}
+
+
+def shape_of(cluster_name: str, pool: api.NodePool) -> PoolShape:
+    return PoolShape(
+        cluster=cluster_name, name=pool.name, provider=PoolProvider(pool.provider.value),
+        desired_nodes=pool.nodes, gpus_per_node=pool.gpusPerNode,
+        nodes_per_rack=pool.topology.nodesPerRack, racks_per_block=pool.topology.racksPerBlock,
+    )
+
+
+def template_of(shape: PoolShape, pool: api.NodePool) -> kube_nodes.PoolNodeTemplate:
+    return kube_nodes.PoolNodeTemplate(
+        shape=shape, gpu=pool.gpu, labels=pool.labels,
+        taints=[t.model_dump() for t in pool.taints],
+    )
+
+
+async def _read_cluster(name: str) -> dict[str, Any] | None:
+    try:
+        return await call(custom().get_cluster_custom_object, names.GROUP, names.VERSION,
+                          api.PLURAL, name)
+    except kubernetes.client.ApiException as err:
+        if status_of(err) == 404:
+            return None
+        raise
+
+
+def _owned(index: kopf.Index[str, ObservedNode], busy_nodes: kopf.Index[str, str],
+           cluster_name: str) -> dict[str, list[ObservedNode]]:
+    by_pool: dict[str, list[ObservedNode]] = {}
+    for node in index.get(cluster_name, []):
+        busy = node.name in busy_nodes
+        by_pool.setdefault(node.pool, []).append(dataclasses.replace(node, busy=busy))
+    return by_pool
+
+
+async def _static_candidates(pool: api.NodePool) -> list[StaticCandidate]:
+    selector = ",".join(f"{k}={v}" for k, v in sorted((pool.nodeSelector or {}).items()))
+    found = await call(core().list_node, label_selector=selector)
+    return [StaticCandidate(name=n.metadata.name,
+                            claimed_by=(n.metadata.labels or {}).get(names.LABEL_CLUSTER))
+            for n in found.items]
+
+
+def _names_summary(items: Iterable[str], limit: int = 5) -> str:
+    listed = list(items)
+    shown = ", ".join(listed[:limit])
+    return shown + (f" and {len(listed) - limit} more" if len(listed) > limit else "")
+
+
+async def _apply(body: dict[str, Any], shape: PoolShape, pool: api.NodePool, plan: PoolPlan,
+                 logger: Any) -> list[str]:
+    """Applies one pool's plan; returns error lines (empty when all went well)."""
+    template = template_of(shape, pool)
+    labels = (shape.cluster, shape.name, pool.gpu.value)
+    errors: list[str] = []
+    for start in range(0, len(plan.create), CREATE_BATCH):
+        batch = plan.create[start:start + CREATE_BATCH]
+        if start and (await _read_cluster(shape.cluster) or {}).get("metadata", {}).get(
+                "generation") != body["metadata"]["generation"]:
+            raise _SpecChanged()
+        batch_errors = await kube_nodes.create_nodes([template.kwok_node(n) for n in batch])
+        created = len(batch) - len(batch_errors)
+        metrics.nodes_created_total.labels(*labels).inc(created)
+        kopf.info(body, reason="NodesCreated",
+                  message=f"pool {shape.name}: created {created} {pool.gpu.value} nodes "
+                          f"({_names_summary(n.name for n in batch)})")
+        errors += batch_errors
+    if plan.delete:
+        errors += await kube_nodes.delete_nodes(plan.delete)
+        metrics.nodes_deleted_total.labels(*labels).inc(len(plan.delete))
+        kopf.info(body, reason="NodesDeleted",
+                  message=f"pool {shape.name}: deleted {len(plan.delete)} empty nodes "
+                          f"({_names_summary(plan.delete)})")
+    for name in plan.drain:
+        await kube_nodes.set_draining(name, True, reason="scale-down")
+        await kube_nodes.evict_pods(name)
+    if plan.drain:
+        kopf.info(body, reason="NodesDraining",
+                  message=f"pool {shape.name}: draining {len(plan.drain)} busy nodes before "
+                          f"removal ({_names_summary(plan.drain)})")
+    for name in plan.undrain:
+        await kube_nodes.set_draining(name, False)
+    if plan.undrain:
+        kopf.info(body, reason="NodesUncordoned",
+                  message=f"pool {shape.name}: scale-down no longer wanted, uncordoned "
+                          f"{_names_summary(plan.undrain)}")
+    for node in plan.adopt:
+        existing = (await call(core().read_node, node.name)).metadata.labels or {}
+        await kube_nodes.adopt_node(template, node, existing)
+    if plan.adopt:
+        kopf.info(body, reason="NodesAdopted",
+                  message=f"pool {shape.name}: adopted {_names_summary(n.name for n in plan.adopt)}")
+    for name in plan.release:
+        await kube_nodes.release_node(name, template.taints)
+    if plan.release:
+        kopf.info(body, reason="NodesReleased",
+                  message=f"pool {shape.name}: released {_names_summary(plan.release)}")
+    return errors
+
+
+class _SpecChanged(Exception):
+    """The spec changed during a scale-up: plan again from the newest one."""
+
+
+async def _remove_orphans(body: dict[str, Any], owned: dict[str, list[ObservedNode]],
+                          pools: dict[str, api.NodePool], logger: Any) -> None:
+    """Nodes of pools that left the spec: kwok ones are deleted, adopted ones released."""
+    for pool_name, nodes in owned.items():
+        if pool_name in pools:
+            continue
+        created = [n.name for n in nodes if n.ordinal >= 0]
+        node_objs = [await call(core().read_node, n) for n in created]
+        kwok = [o.metadata.name for o in node_objs
+                if (o.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
+        static = [o.metadata.name for o in node_objs if o.metadata.name not in kwok]
+        await kube_nodes.delete_nodes(kwok)
+        for name in static:
+            await kube_nodes.release_node(name, [])
+        kopf.info(body, reason="PoolRemoved",
+                  message=f"pool {pool_name} left the spec: deleted {len(kwok)} nodes, "
+                          f"released {len(static)}")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(body: dict[str, Any], spec: api.TrainingClusterSpec,
+            counts: dict[str, PoolCounts], degraded: ConditionUpdate | None) -> dict[str, Any]:
+    ready = sum(c.ready_nodes for c in counts.values())
+    desired = sum(c.desired_nodes for c in counts.values())
+    healthy_nodes = sum(c.healthy_nodes for c in counts.values())
+    settled = all(c.nodes == c.desired_nodes and c.ready_nodes == c.desired_nodes
+                  for c in counts.values())
+    updates = [
+        ConditionUpdate("Ready", settled and degraded is None,
+                        "AllNodesReady" if settled else "NodesNotReady",
+                        f"{ready}/{desired} nodes ready, {healthy_nodes} healthy"),
+        ConditionUpdate("Progressing", not settled,
+                        "Scaling" if not settled else "Reconciled",
+                        "pools are converging to the spec" if not settled
+                        else "every pool is at its declared size"),
+        degraded or ConditionUpdate("Degraded", False, "AsExpected", ""),
+    ]
+    previous = (body.get("status") or {}).get("conditions") or []
+    status = api.TrainingClusterStatus(
+        observedGeneration=body["metadata"].get("generation", 0),
+        pools=[api.PoolStatus(name=p.name, gpu=p.gpu.value, desiredNodes=c.desired_nodes,
+                              nodes=c.nodes, readyNodes=c.ready_nodes,
+                              healthyNodes=c.healthy_nodes, desiredGPUs=c.desired_gpus,
+                              readyGPUs=c.ready_gpus, healthyGPUs=c.healthy_gpus)
+               for p in spec.pools for c in [counts[p.name]]],
+        nodes=f"{ready}/{desired}",
+        readyGPUs=sum(c.ready_gpus for c in counts.values()),
+        healthyGPUs=sum(c.healthy_gpus for c in counts.values()),
+        poolNames=",".join(p.name for p in spec.pools),
+        conditions=[],
+    ).model_dump()
+    status["conditions"] = merge_conditions(previous, updates, _now(), status["observedGeneration"])
+    return status
+
+
+def _export_metrics(cluster_name: str, spec: api.TrainingClusterSpec,
+                    counts: dict[str, PoolCounts]) -> None:
+    for pool in spec.pools:
+        c = counts[pool.name]
+        labels = (cluster_name, pool.name, pool.gpu.value)
+        for state, value in (("desired", c.desired_nodes), ("ready", c.ready_nodes),
+                             ("healthy", c.healthy_nodes)):
+            metrics.pool_nodes.labels(*labels, state).set(value)
+        for state, value in (("desired", c.desired_gpus), ("ready", c.ready_gpus),
+                             ("healthy", c.healthy_gpus),
+                             ("unhealthy", c.ready_gpus - c.healthy_gpus)):
+            metrics.pool_gpus.labels(*labels, state).set(value)
+
+
+async def _write_status(name: str, body: dict[str, Any], status: dict[str, Any]) -> None:
+    old = dict(body.get("status") or {})
+    if old == status:
+        return
+    await call(custom().patch_cluster_custom_object_status, names.GROUP, names.VERSION,
+               api.PLURAL, name, {"status": status})
+
+
+async def reconcile(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+                    pods_by_node: kopf.Index[str, str], logger: Any) -> None:
+    lock = _locks.setdefault(name, asyncio.Lock())
+    async with lock:
+        started = time.monotonic()
+        try:
+            while True:
+                try:
+                    await _reconcile_once(name, nodes_by_cluster, pods_by_node, logger)
+                    break
+                except _SpecChanged:
+                    logger.info("spec changed during scale-up; planning again from the newest")
+        except Exception as err:
+            metrics.reconcile_errors_total.labels("TrainingCluster", type(err).__name__).inc()
+            raise
+        finally:
+            metrics.reconcile_duration_seconds.labels("TrainingCluster").observe(
+                time.monotonic() - started)
+
+
+async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+                          pods_by_node: kopf.Index[str, str], logger: Any) -> None:
+    body = await _read_cluster(name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        spec = api.TrainingClusterSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError as err:
+        # The CRD schema should have caught this; say so rather than guess.
+        problem = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        kopf.warn(body, reason="InvalidSpec", message=problem)
+        await _write_status(name, body, {**(body.get("status") or {}), "conditions": merge_conditions(
+            (body.get("status") or {}).get("conditions") or [],
+            [ConditionUpdate("Degraded", True, "InvalidSpec", problem)], _now(),
+            body["metadata"].get("generation", 0))})
+        return
+    pools = {p.name: p for p in spec.pools}
+    owned = _owned(nodes_by_cluster, pods_by_node, name)
+    plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
+    for pool in spec.pools:
+        shape = shape_of(name, pool)
+        candidates = await _static_candidates(pool) if pool.provider == api.Provider.STATIC else []
+        plans[pool.name] = (shape, plan_pool(shape, owned.get(pool.name, []), candidates))
+    conflicts = {p: plan.conflicts for p, (_, plan) in plans.items() if plan.conflicts}
+    degraded = None
+    if conflicts:
+        message = "; ".join(
+            f"pool {p}: nodes {_names_summary(c)} already belong to another TrainingCluster; "
+            "narrow spec.pools[].nodeSelector or release them there" for p, c in conflicts.items())
+        degraded = ConditionUpdate("Degraded", True, "StaticNodesClaimed", message)
+        kopf.warn(body, reason="StaticNodesClaimed", message=message + " (nothing was changed)")
+    else:
+        await _remove_orphans(body, owned, pools, logger)
+        errors: list[str] = []
+        for pool in spec.pools:
+            shape, plan = plans[pool.name]
+            if not plan.empty:
+                errors += await _apply(body, shape, pool, plan, logger)
+        if errors:
+            message = f"{len(errors)} node writes failed: {_names_summary(errors, 3)}"
+            kopf.warn(body, reason="NodeWriteFailed", message=message)
+            raise kopf.TemporaryError(message, delay=5)
+    counts = {p.name: count_pool(shape_of(name, p), owned.get(p.name, [])) for p in spec.pools}
+    _export_metrics(name, spec, counts)
+    await _write_status(name, body, _status(body, spec, counts, degraded))
+
+
+@kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL)
+@kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
+@kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")
+async def cluster_changed(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+                          pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
+    await reconcile(name, nodes_by_cluster, pods_by_node, logger)
+
+
+@kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,
+            initial_delay=RESYNC_INTERVAL_S)
+async def cluster_resync(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+                         pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
+    await reconcile(name, nodes_by_cluster, pods_by_node, logger)
+
+
+@kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)
+async def cluster_deleted(name: str, body: Any, logger: Any, **_: Any) -> None:
+    """Deletes the nodes the cluster created and releases those it adopted."""
+    selector = f"{names.LABEL_CLUSTER}={name}"
+    found = await call(core().list_node, label_selector=selector)
+    kwok = [n.metadata.name for n in found.items
+            if (n.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
+    static = [n.metadata.name for n in found.items if n.metadata.name not in kwok]
+    errors = await kube_nodes.delete_nodes(kwok)
+    for node in static:
+        await kube_nodes.release_node(node, [])
+    if errors:
+        raise kopf.TemporaryError(f"{len(errors)} node deletions failed: {errors[:3]}", delay=5)
+    logger.info(f"deleted {len(kwok)} nodes, released {len(static)}")
+    _locks.pop(name, None)

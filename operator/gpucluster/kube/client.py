@@ -1,0 +1,53 @@
+"""One configured Kubernetes client per process, and a thread pool sized for
+the API server's concurrency: the kubernetes client is synchronous, so Kopf's
+event loop hands blocking calls to these threads."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import kubernetes
+
+T = TypeVar("T")
+CONCURRENCY = 32
+
+
+@functools.cache
+def api_client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+        configuration = kubernetes.client.Configuration.get_default_copy()
+    except kubernetes.config.ConfigException:
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = CONCURRENCY * 2
+    return kubernetes.client.ApiClient(configuration)
+
+
+@functools.cache
+def core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client())
+
+
+@functools.cache
+def custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client())
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="kube")
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Runs one blocking client call off the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor(), functools.partial(fn, *args, **kwargs))
+
+
+def status_of(err: BaseException) -> int | None:
+    return err.status if isinstance(err, kubernetes.client.ApiException) else None

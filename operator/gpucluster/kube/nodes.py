@@ -1,0 +1,202 @@
+"""Node objects: what a kwok node of a pool looks like, and the writes the
+pool reconciler makes (create, delete, cordon, drain, adopt, release)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import kubernetes
+
+from gpucluster import names
+from gpucluster.api.gpus import GPU_FACTS, GPUProduct
+from gpucluster.planning.pools import NodeToCreate, PoolShape
+
+from .client import CONCURRENCY, call, core, status_of
+
+# An 8-GPU HGX H100/H200 server: 2 x 56-core Xeon (224 threads), 2 TiB of
+# memory. Allocatable keeps back what a kubelet reserves for the system.
+SERVER_CAPACITY = {"cpu": "224", "memory": "2113536Mi", "pods": "110",
+                   "ephemeral-storage": "30Ti"}
+SERVER_ALLOCATABLE = {"cpu": "220", "memory": "2097152Mi", "pods": "110",
+                      "ephemeral-storage": "28Ti"}
+ANNOTATION_DRAINING = f"{names.GROUP}/draining"
+ANNOTATION_ADOPTED_LABELS = f"{names.GROUP}/adopted-labels"
+LABEL_ORDINAL = f"{names.GROUP}/ordinal"
+
+
+@dataclass(frozen=True)
+class PoolNodeTemplate:
+    """What every node of one pool carries besides its identity."""
+
+    shape: PoolShape
+    gpu: GPUProduct
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: Sequence[Mapping[str, str]] = ()
+
+    def gpu_labels(self) -> dict[str, str]:
+        facts = GPU_FACTS[self.gpu]
+        major, minor = facts.compute_capability
+        return {
+            names.LABEL_GPU_PRODUCT: facts.gfd_product,
+            names.LABEL_GPU_COUNT: str(self.shape.gpus_per_node),
+            names.LABEL_GPU_MEMORY: str(facts.memory_mib),
+            names.LABEL_GPU_FAMILY: facts.family,
+            names.LABEL_GPU_COMPUTE_MAJOR: str(major),
+            names.LABEL_GPU_COMPUTE_MINOR: str(minor),
+            names.LABEL_GPU_PRESENT: "true",
+        }
+
+    def ownership_labels(self, node: NodeToCreate) -> dict[str, str]:
+        return {
+            names.LABEL_CLUSTER: self.shape.cluster,
+            names.LABEL_POOL: self.shape.name,
+            names.LABEL_PROVIDER: self.shape.provider.value,
+            names.LABEL_MANAGED_BY: names.MANAGED_BY,
+            names.LABEL_BLOCK: node.block,
+            names.LABEL_RACK: node.rack,
+            LABEL_ORDINAL: str(node.ordinal),
+        }
+
+    def kwok_node(self, node: NodeToCreate) -> dict[str, Any]:
+        gpus = str(self.shape.gpus_per_node)
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "annotations": {names.ANNOTATION_KWOK_NODE: names.KWOK_NODE_VALUE},
+                "labels": {
+                    "kubernetes.io/hostname": node.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    **self.gpu_labels(),
+                    **self.labels,
+                    **self.ownership_labels(node),
+                },
+            },
+            "spec": {"taints": [dict(t) for t in self.taints]},
+            "status": {
+                "capacity": {**SERVER_CAPACITY, names.GPU_RESOURCE: gpus},
+                "allocatable": {**SERVER_ALLOCATABLE, names.GPU_RESOURCE: gpus},
+            },
+        }
+
+
+async def _bounded(calls: Iterable[Any]) -> list[BaseException | None]:
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(coro_factory: Any) -> BaseException | None:
+        async with gate:
+            try:
+                await coro_factory()
+            except kubernetes.client.ApiException as err:
+                return err
+            return None
+
+    return await asyncio.gather(*(one(c) for c in calls))
+
+
+async def create_nodes(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Creates the nodes concurrently; one that already exists counts as
+    created (a restart may have made it). Returns the errors, one line each."""
+    def creator(body: Mapping[str, Any]) -> Any:
+        # The reply is not parsed: at thousands of nodes the client's model
+        # deserialisation, not the API server, would set the pace.
+        return lambda: call(core().create_node, body, _preload_content=False)
+
+    results = await _bounded(creator(m) for m in manifests)
+    return [f"{m['metadata']['name']}: {err}" for m, err in zip(manifests, results, strict=True)
+            if err is not None and status_of(err) != 409]
+
+
+async def delete_nodes(node_names: Sequence[str]) -> list[str]:
+    def deleter(name: str) -> Any:
+        return lambda: call(core().delete_node, name, _preload_content=False)
+
+    results = await _bounded(deleter(n) for n in node_names)
+    return [f"{n}: {err}" for n, err in zip(node_names, results, strict=True)
+            if err is not None and status_of(err) != 404]
+
+
+async def patch_node(name: str, patch: Mapping[str, Any]) -> None:
+    await call(core().patch_node, name, patch, _preload_content=False)
+
+
+async def set_draining(name: str, draining: bool, reason: str = "") -> None:
+    """Cordons a node and marks why, or undoes both."""
+    await patch_node(name, {
+        "metadata": {"annotations": {ANNOTATION_DRAINING: reason if draining else None}},
+        "spec": {"unschedulable": draining or None},
+    })
+
+
+async def evict_pods(node_name: str) -> int:
+    """Evicts every pod on the node except DaemonSet pods, through the
+    Eviction API so PodDisruptionBudgets are honoured. Returns how many remain."""
+    pods = await call(core().list_pod_for_all_namespaces,
+                      field_selector=f"spec.nodeName={node_name}")
+    remaining = 0
+    for pod in pods.items:
+        owners = pod.metadata.owner_references or []
+        if any(o.kind == "DaemonSet" for o in owners) or pod.status.phase in ("Succeeded", "Failed"):
+            continue
+        remaining += 1
+        eviction = kubernetes.client.V1Eviction(metadata=kubernetes.client.V1ObjectMeta(
+            name=pod.metadata.name, namespace=pod.metadata.namespace))
+        try:
+            await call(core().create_namespaced_pod_eviction, pod.metadata.name,
+                       pod.metadata.namespace, eviction)
+        except kubernetes.client.ApiException as err:
+            if status_of(err) not in (404, 429):
+                raise
+    return remaining
+
+
+async def adopt_node(template: PoolNodeTemplate, node: NodeToCreate,
+                     existing_labels: Mapping[str, str]) -> None:
+    """Labels an existing node into a static pool, remembering which labels
+    were added so release removes exactly those."""
+    wanted = {**template.gpu_labels(), **template.labels, **template.ownership_labels(node)}
+    added = sorted(k for k in wanted if k not in existing_labels)
+    labels = {k: v for k, v in wanted.items() if k in added or k in template.ownership_labels(node)}
+    await patch_node(node.name, {"metadata": {
+        "labels": labels,
+        "annotations": {ANNOTATION_ADOPTED_LABELS: json.dumps(added)},
+    }})
+    if template.taints:
+        await _merge_taints(node.name, template.taints)
+
+
+async def _merge_taints(name: str, taints: Sequence[Mapping[str, str]]) -> None:
+    node = await call(core().read_node, name)
+    current = [t.to_dict() for t in (node.spec.taints or [])]
+    keys = {(t["key"], t["effect"]) for t in current}
+    merged = current + [dict(t) for t in taints if (t["key"], t["effect"]) not in keys]
+    await patch_node(name, {"spec": {"taints": [
+        {k: v for k, v in t.items() if v is not None and k != "time_added"} for t in merged]}})
+
+
+async def release_node(name: str, pool_taints: Sequence[Mapping[str, str]]) -> None:
+    """Gives an adopted node back as it was: the labels gpucluster added and
+    the pool's taints are removed; the node is kept."""
+    node = await call(core().read_node, name)
+    annotations = node.metadata.annotations or {}
+    added = set(json.loads(annotations.get(ANNOTATION_ADOPTED_LABELS, "[]")))
+    ours = {names.LABEL_CLUSTER, names.LABEL_POOL, names.LABEL_PROVIDER, names.LABEL_BLOCK,
+            names.LABEL_RACK, LABEL_ORDINAL}
+    labels: dict[str, None] = dict.fromkeys(added | ours)
+    pool_taint_keys = {(t["key"], t["effect"]) for t in pool_taints}
+    taints = [t.to_dict() for t in (node.spec.taints or [])
+              if (t.key, t.effect) not in pool_taint_keys]
+    await patch_node(name, {
+        "metadata": {"labels": labels,
+                     "annotations": {ANNOTATION_ADOPTED_LABELS: None, ANNOTATION_DRAINING: None}},
+        "spec": {"taints": [{k: v for k, v in t.items() if v is not None and k != "time_added"}
+                            for t in taints] or None,
+                 "unschedulable": None},
+    })

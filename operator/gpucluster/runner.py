@@ -1,0 +1,74 @@
+"""`gpucluster run`: the operator process, Kopf underneath."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+import prometheus_client
+
+from gpucluster import names
+
+LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
+               "json": kopf.LogFormat.JSON}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Progress and diff-base live in annotations of our own prefix, so the
+    # generated status schema never has to carry Kopf's bookkeeping.
+    settings.persistence.finalizer = names.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration")
+    # Our handlers post their own Events (Normal and Warning); Kopf's log
+    # lines stay in the log (posting.loggers is off by default).
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = 64
+    settings.execution.max_workers = 32
+
+
+@kopf.on.probe(id="indexes")
+def indexes_ready(**_: Any) -> bool:
+    return True
+
+
+def add_parser(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="run the operator (Kopf) against the current cluster")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="serve TrainingJobs only in these namespaces (globs allowed; "
+                            "repeatable); TrainingClusters are cluster-scoped and always served")
+    scope.add_argument("-A", "--all-namespaces", action="store_true",
+                       help="serve TrainingJobs in every namespace (the default)")
+    run.add_argument("--log-format", choices=sorted(LOG_FORMATS), default="plain")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
+    run.add_argument("--metrics-port", type=int, default=8080,
+                     help="Prometheus /metrics port, 0 to disable (default: %(default)s)")
+    run.add_argument("--liveness-port", type=int, default=8081,
+                     help="liveness probe port serving /healthz (default: %(default)s)")
+    run.add_argument("--peering", default=None,
+                     help="Kopf peering name: replicas sharing it elect one active operator")
+    run.set_defaults(func=run_operator)
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    # Imported for their decorators: this registers every handler and index.
+    from gpucluster import handlers  # noqa: F401
+
+    kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    asyncio.run(kopf.operator(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=liveness,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+    ))
+    return 0
