@@ -387,19 +387,19 @@ def main(argv: list[str] | None = None) -> int:
             stopped = down(state_dir)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
         elif args.action == "status":
-            state = status(state_dir)
-            if state is None:
+            running = status(state_dir)
+            if running is None:
                 print("down", file=sys.stderr)
                 return 1
-            print(json.dumps({"server": state.server, "kubeconfig": state.kubeconfig,
-                              "pids": state.pids, "logs": state.logs}, indent=2))
+            print(json.dumps({"server": running.server, "kubeconfig": running.kubeconfig,
+                              "pids": running.pids, "logs": running.logs}, indent=2))
         elif args.action == "env":
-            state = status(state_dir)
-            if state is None:
+            running = status(state_dir)
+            if running is None:
                 print("no cluster is up; run `hack/cluster.sh up`", file=sys.stderr)
                 return 1
-            print(f"export KUBECONFIG={state.kubeconfig}")
-            print(f"export PATH={state.bin_dir}:$PATH")
+            print(f"export KUBECONFIG={running.kubeconfig}")
+            print(f"export PATH={running.bin_dir}:$PATH")
     except ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

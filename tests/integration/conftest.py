@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from gpucluster import devcluster
 
 from .harness import REPO_ROOT, Kubectl, OperatorProcess, wait_for

@@ -55,7 +55,7 @@ def template_of(shape: PoolShape, pool: api.NodePool) -> kube_nodes.PoolNodeTemp
     )
 
 
-async def _read_cluster(name: str) -> dict[str, Any] | None:
+async def _read_cluster(name: str) -> Any:
     try:
         return await call(custom().get_cluster_custom_object, names.GROUP, names.VERSION,
                           api.PLURAL, name)
@@ -77,7 +77,7 @@ def _owned(index: kopf.Index[str, ObservedNode], busy_nodes: kopf.Index[str, str
 async def _static_candidates(pool: api.NodePool) -> list[StaticCandidate]:
     selector = ",".join(f"{k}={v}" for k, v in sorted((pool.nodeSelector or {}).items()))
     found = await call(core().list_node, label_selector=selector)
-    return [StaticCandidate(name=n.metadata.name,
+    return [StaticCandidate(name=str(n.metadata.name),
                             claimed_by=(n.metadata.labels or {}).get(names.LABEL_CLUSTER))
             for n in found.items]
 
@@ -88,8 +88,8 @@ def _names_summary(items: Iterable[str], limit: int = 5) -> str:
     return shown + (f" and {len(listed) - limit} more" if len(listed) > limit else "")
 
 
-async def _apply(body: dict[str, Any], shape: PoolShape, pool: api.NodePool, plan: PoolPlan,
-                 logger: Any) -> list[str]:
+async def _apply(body: Any, shape: PoolShape, pool: api.NodePool, plan: PoolPlan,
+                 already_draining: set[str]) -> list[str]:
     """Applies one pool's plan; returns error lines (empty when all went well)."""
     template = template_of(shape, pool)
     labels = (shape.cluster, shape.name, pool.gpu.value)
@@ -115,10 +115,11 @@ async def _apply(body: dict[str, Any], shape: PoolShape, pool: api.NodePool, pla
     for name in plan.drain:
         await kube_nodes.set_draining(name, True, reason="scale-down")
         await kube_nodes.evict_pods(name)
-    if plan.drain:
+    newly_draining = [n for n in plan.drain if n not in already_draining]
+    if newly_draining:
         kopf.info(body, reason="NodesDraining",
-                  message=f"pool {shape.name}: draining {len(plan.drain)} busy nodes before "
-                          f"removal ({_names_summary(plan.drain)})")
+                  message=f"pool {shape.name}: draining {len(newly_draining)} busy nodes before "
+                          f"removal ({_names_summary(newly_draining)})")
     for name in plan.undrain:
         await kube_nodes.set_draining(name, False)
     if plan.undrain:
@@ -132,7 +133,7 @@ async def _apply(body: dict[str, Any], shape: PoolShape, pool: api.NodePool, pla
         kopf.info(body, reason="NodesAdopted",
                   message=f"pool {shape.name}: adopted {_names_summary(n.name for n in plan.adopt)}")
     for name in plan.release:
-        await kube_nodes.release_node(name, template.taints)
+        await kube_nodes.release_node(name)
     if plan.release:
         kopf.info(body, reason="NodesReleased",
                   message=f"pool {shape.name}: released {_names_summary(plan.release)}")
@@ -143,30 +144,37 @@ class _SpecChanged(Exception):
     """The spec changed during a scale-up: plan again from the newest one."""
 
 
-async def _remove_orphans(body: dict[str, Any], owned: dict[str, list[ObservedNode]],
-                          pools: dict[str, api.NodePool], logger: Any) -> None:
+async def _let_go(selector: str) -> tuple[list[str], list[str]]:
+    """Deletes the kwok nodes matching the selector and releases the adopted
+    ones. Returns (deleted, released)."""
+    found = await call(core().list_node, label_selector=selector)
+    kwok = [str(n.metadata.name) for n in found.items
+            if (n.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
+    static = [str(n.metadata.name) for n in found.items if str(n.metadata.name) not in kwok]
+    errors = await kube_nodes.delete_nodes(kwok)
+    for node in static:
+        await kube_nodes.release_node(node)
+    if errors:
+        raise kopf.TemporaryError(f"{len(errors)} node deletions failed: {errors[:3]}", delay=5)
+    return kwok, static
+
+
+async def _remove_orphans(body: Any, owned: dict[str, list[ObservedNode]],
+                          pools: dict[str, api.NodePool]) -> None:
     """Nodes of pools that left the spec: kwok ones are deleted, adopted ones released."""
-    for pool_name, nodes in owned.items():
-        if pool_name in pools:
-            continue
-        created = [n.name for n in nodes if n.ordinal >= 0]
-        node_objs = [await call(core().read_node, n) for n in created]
-        kwok = [o.metadata.name for o in node_objs
-                if (o.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
-        static = [o.metadata.name for o in node_objs if o.metadata.name not in kwok]
-        await kube_nodes.delete_nodes(kwok)
-        for name in static:
-            await kube_nodes.release_node(name, [])
+    for pool_name in owned.keys() - pools.keys():
+        deleted, released = await _let_go(
+            f"{names.LABEL_CLUSTER}={body['metadata']['name']},{names.LABEL_POOL}={pool_name}")
         kopf.info(body, reason="PoolRemoved",
-                  message=f"pool {pool_name} left the spec: deleted {len(kwok)} nodes, "
-                          f"released {len(static)}")
+                  message=f"pool {pool_name} left the spec: deleted {len(deleted)} nodes, "
+                          f"released {len(released)}")
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _status(body: dict[str, Any], spec: api.TrainingClusterSpec,
+def _status(body: Any, spec: api.TrainingClusterSpec,
             counts: dict[str, PoolCounts], degraded: ConditionUpdate | None) -> dict[str, Any]:
     ready = sum(c.ready_nodes for c in counts.values())
     desired = sum(c.desired_nodes for c in counts.values())
@@ -215,7 +223,7 @@ def _export_metrics(cluster_name: str, spec: api.TrainingClusterSpec,
             metrics.pool_gpus.labels(*labels, state).set(value)
 
 
-async def _write_status(name: str, body: dict[str, Any], status: dict[str, Any]) -> None:
+async def _write_status(name: str, body: Any, status: dict[str, Any]) -> None:
     old = dict(body.get("status") or {})
     if old == status:
         return
@@ -275,12 +283,13 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         degraded = ConditionUpdate("Degraded", True, "StaticNodesClaimed", message)
         kopf.warn(body, reason="StaticNodesClaimed", message=message + " (nothing was changed)")
     else:
-        await _remove_orphans(body, owned, pools, logger)
+        await _remove_orphans(body, owned, pools)
         errors: list[str] = []
         for pool in spec.pools:
             shape, plan = plans[pool.name]
             if not plan.empty:
-                errors += await _apply(body, shape, pool, plan, logger)
+                draining = {n.name for n in owned.get(pool.name, []) if n.draining}
+                errors += await _apply(body, shape, pool, plan, draining)
         if errors:
             message = f"{len(errors)} node writes failed: {_names_summary(errors, 3)}"
             kopf.warn(body, reason="NodeWriteFailed", message=message)
@@ -290,33 +299,26 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
     await _write_status(name, body, _status(body, spec, counts, degraded))
 
 
+# Kopf passes its indexes as keyword arguments its handler protocols do not
+# declare, hence the ignores on these decorators.
 @kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
-@kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")
-async def cluster_changed(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+@kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")  # type: ignore[arg-type]
+async def cluster_changed(*, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
                           pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
     await reconcile(name, nodes_by_cluster, pods_by_node, logger)
 
 
-@kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,
+@kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,  # type: ignore[arg-type]
             initial_delay=RESYNC_INTERVAL_S)
-async def cluster_resync(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+async def cluster_resync(*, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
                          pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
     await reconcile(name, nodes_by_cluster, pods_by_node, logger)
 
 
 @kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)
-async def cluster_deleted(name: str, body: Any, logger: Any, **_: Any) -> None:
+async def cluster_deleted(*, name: str, body: Any, logger: Any, **_: Any) -> None:
     """Deletes the nodes the cluster created and releases those it adopted."""
-    selector = f"{names.LABEL_CLUSTER}={name}"
-    found = await call(core().list_node, label_selector=selector)
-    kwok = [n.metadata.name for n in found.items
-            if (n.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
-    static = [n.metadata.name for n in found.items if n.metadata.name not in kwok]
-    errors = await kube_nodes.delete_nodes(kwok)
-    for node in static:
-        await kube_nodes.release_node(node, [])
-    if errors:
-        raise kopf.TemporaryError(f"{len(errors)} node deletions failed: {errors[:3]}", delay=5)
-    logger.info(f"deleted {len(kwok)} nodes, released {len(static)}")
+    deleted, released = await _let_go(f"{names.LABEL_CLUSTER}={name}")
+    logger.info(f"deleted {len(deleted)} nodes, released {len(released)}")
     _locks.pop(name, None)

@@ -37,13 +37,13 @@ def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: An
 
 
 @kopf.index("nodes", labels={names.LABEL_CLUSTER: kopf.PRESENT})
-def nodes_by_cluster(name: str, labels: Any, annotations: Any, spec: Any, status: Any,
+def nodes_by_cluster(*, name: str, labels: Any, annotations: Any, spec: Any, status: Any,
                      **_: Any) -> dict[str, ObservedNode]:
     return {labels[names.LABEL_CLUSTER]: observe_node(name, labels, annotations, spec, status)}
 
 
 @kopf.index("pods")
-def pods_by_node(namespace: str, name: str, spec: Any, status: Any, meta: Any,
+def pods_by_node(*, namespace: str | None, name: str, spec: Any, status: Any, meta: Any,
                  **_: Any) -> dict[str, str] | None:
     """Pods that keep a node busy: bound, not finished, not a DaemonSet's."""
     node = spec.get("nodeName")

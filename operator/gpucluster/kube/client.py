@@ -19,11 +19,11 @@ CONCURRENCY = 32
 @functools.cache
 def api_client() -> kubernetes.client.ApiClient:
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
         configuration = kubernetes.client.Configuration.get_default_copy()
     except kubernetes.config.ConfigException:
         configuration = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     configuration.connection_pool_maxsize = CONCURRENCY * 2
     return kubernetes.client.ApiClient(configuration)
 

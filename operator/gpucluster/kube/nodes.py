@@ -25,6 +25,7 @@ SERVER_ALLOCATABLE = {"cpu": "220", "memory": "2097152Mi", "pods": "110",
                       "ephemeral-storage": "28Ti"}
 ANNOTATION_DRAINING = f"{names.GROUP}/draining"
 ANNOTATION_ADOPTED_LABELS = f"{names.GROUP}/adopted-labels"
+ANNOTATION_ADOPTED_TAINTS = f"{names.GROUP}/adopted-taints"
 LABEL_ORDINAL = f"{names.GROUP}/ordinal"
 
 
@@ -143,7 +144,7 @@ async def evict_pods(node_name: str) -> int:
     remaining = 0
     for pod in pods.items:
         owners = pod.metadata.owner_references or []
-        if any(o.kind == "DaemonSet" for o in owners) or pod.status.phase in ("Succeeded", "Failed"):
+        if any(o.kind == "DaemonSet" for o in owners) or str(pod.status.phase) in {"Succeeded", "Failed"}:
             continue
         remaining += 1
         eviction = kubernetes.client.V1Eviction(metadata=kubernetes.client.V1ObjectMeta(
@@ -159,44 +160,42 @@ async def evict_pods(node_name: str) -> int:
 
 async def adopt_node(template: PoolNodeTemplate, node: NodeToCreate,
                      existing_labels: Mapping[str, str]) -> None:
-    """Labels an existing node into a static pool, remembering which labels
-    were added so release removes exactly those."""
+    """Labels (and taints) an existing node into a static pool, remembering
+    what was added so that release removes exactly that."""
     wanted = {**template.gpu_labels(), **template.labels, **template.ownership_labels(node)}
     added = sorted(k for k in wanted if k not in existing_labels)
     labels = {k: v for k, v in wanted.items() if k in added or k in template.ownership_labels(node)}
-    await patch_node(node.name, {"metadata": {
-        "labels": labels,
-        "annotations": {ANNOTATION_ADOPTED_LABELS: json.dumps(added)},
-    }})
-    if template.taints:
-        await _merge_taints(node.name, template.taints)
+    current = await _taints(node.name)
+    present = {(t["key"], t["effect"]) for t in current}
+    added_taints = [dict(t) for t in template.taints if (t["key"], t["effect"]) not in present]
+    await patch_node(node.name, {
+        "metadata": {"labels": labels, "annotations": {
+            ANNOTATION_ADOPTED_LABELS: json.dumps(added),
+            ANNOTATION_ADOPTED_TAINTS: json.dumps(added_taints)}},
+        "spec": {"taints": current + added_taints or None},
+    })
 
 
-async def _merge_taints(name: str, taints: Sequence[Mapping[str, str]]) -> None:
+async def _taints(name: str) -> list[dict[str, str]]:
     node = await call(core().read_node, name)
-    current = [t.to_dict() for t in (node.spec.taints or [])]
-    keys = {(t["key"], t["effect"]) for t in current}
-    merged = current + [dict(t) for t in taints if (t["key"], t["effect"]) not in keys]
-    await patch_node(name, {"spec": {"taints": [
-        {k: v for k, v in t.items() if v is not None and k != "time_added"} for t in merged]}})
+    return [{k: v for k, v in t.to_dict().items() if v is not None and k != "time_added"}
+            for t in node.spec.taints or []]
 
 
-async def release_node(name: str, pool_taints: Sequence[Mapping[str, str]]) -> None:
-    """Gives an adopted node back as it was: the labels gpucluster added and
-    the pool's taints are removed; the node is kept."""
+async def release_node(name: str) -> None:
+    """Gives an adopted node back as it was: the labels and taints gpucluster
+    added are removed, and the node is kept."""
     node = await call(core().read_node, name)
     annotations = node.metadata.annotations or {}
     added = set(json.loads(annotations.get(ANNOTATION_ADOPTED_LABELS, "[]")))
+    added_taints = {(t["key"], t["effect"])
+                    for t in json.loads(annotations.get(ANNOTATION_ADOPTED_TAINTS, "[]"))}
     ours = {names.LABEL_CLUSTER, names.LABEL_POOL, names.LABEL_PROVIDER, names.LABEL_BLOCK,
             names.LABEL_RACK, LABEL_ORDINAL}
-    labels: dict[str, None] = dict.fromkeys(added | ours)
-    pool_taint_keys = {(t["key"], t["effect"]) for t in pool_taints}
-    taints = [t.to_dict() for t in (node.spec.taints or [])
-              if (t.key, t.effect) not in pool_taint_keys]
+    kept_taints = [t for t in await _taints(name) if (t["key"], t["effect"]) not in added_taints]
     await patch_node(name, {
-        "metadata": {"labels": labels,
-                     "annotations": {ANNOTATION_ADOPTED_LABELS: None, ANNOTATION_DRAINING: None}},
-        "spec": {"taints": [{k: v for k, v in t.items() if v is not None and k != "time_added"}
-                            for t in taints] or None,
-                 "unschedulable": None},
+        "metadata": {"labels": dict.fromkeys(added | ours),
+                     "annotations": dict.fromkeys(
+                         (ANNOTATION_ADOPTED_LABELS, ANNOTATION_ADOPTED_TAINTS, ANNOTATION_DRAINING))},
+        "spec": {"taints": kept_taints or None, "unschedulable": None},
     })

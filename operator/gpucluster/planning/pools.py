@@ -136,7 +136,8 @@ def plan_pool(
     """One step that brings the pool to its desired size.
 
     Scale-down deletes empty nodes at once and drains busy ones (cordon and
-    evict; they are deleted in a later step, once empty). A static pool adopts
+    evict, again on every step until they are empty; they are deleted in a
+    later step, once empty). A static pool adopts
     and releases nodes but never deletes one. Nodes draining for a scale-down
     that is no longer wanted are uncordoned.
     """
@@ -150,7 +151,7 @@ def plan_pool(
         return PoolPlan(create=creates, undrain=_undrain(owned, ()))
     leaving = sorted(owned, key=removal_order)[:excess]
     delete = tuple(n.name for n in leaving if not n.busy)
-    drain = tuple(n.name for n in leaving if n.busy and not n.draining)
+    drain = tuple(n.name for n in leaving if n.busy)
     return PoolPlan(delete=delete, drain=drain, undrain=_undrain(owned, leaving))
 
 
@@ -175,7 +176,7 @@ def _plan_static(
     if excess >= 0:
         leaving = sorted(owned, key=removal_order)[:excess]
         release = tuple(n.name for n in leaving if not n.busy)
-        drain = tuple(n.name for n in leaving if n.busy and not n.draining)
+        drain = tuple(n.name for n in leaving if n.busy)
         return PoolPlan(release=release, drain=drain, undrain=_undrain(owned, leaving))
     free = sorted(c.name for c in candidates if c.claimed_by is None and c.name not in owned_names)
     chosen = free[:-excess]
