@@ -142,6 +142,8 @@ class GpuReading:
     uuid: str
     name: str
     pci_bus_id: str = ""
+    # The N of /dev/nvidiaN; None where it is unknown and equal to the index.
+    device_minor: int | None = None
     reachable: bool = True
     temperature_c: int | None = None
     # The temperature at which the board starts slowing its clocks.
@@ -150,6 +152,7 @@ class GpuReading:
     thermal_slowdown: bool = False
     power_usage_w: float | None = None
     power_limit_w: float | None = None
+    fb_total_mib: int | None = None
     fb_used_mib: int | None = None
     fb_free_mib: int | None = None
     gpu_util_percent: int | None = None
@@ -225,10 +228,10 @@ class NodeVerdict:
 
 def assess_gpu(reading: GpuReading, now: float, policy: HealthPolicy) -> GpuAssessment:
     """Every fault one GPU shows now, fatal ones first, one per reason."""
-    faults: list[GpuFault] = []
+    # XIDs first: they name the fault best (XID 79 says why the GPU is lost).
+    faults = list(_xid_faults(reading.xid_events, now, policy))
     if not reading.reachable:
         faults.append(GpuFault(REASON_GPU_LOST, Severity.FATAL, "not reachable through NVML"))
-    faults.extend(_xid_faults(reading.xid_events, now, policy))
     if reading.ecc_dbe_volatile:
         faults.append(GpuFault(
             REASON_DOUBLE_BIT_ECC, Severity.FATAL,
@@ -256,18 +259,23 @@ def node_verdict(
     expected_gpus: int,
     now: float,
     policy: HealthPolicy | None = None,
+    known_uuids: Mapping[int, str] | None = None,
 ) -> NodeVerdict:
     """The node's GPUHealthy verdict from the readings of all its GPUs.
 
     `expected_gpus` is how many GPUs the node has (its GPU count label, or
     what the agent found at start): a GPU index below it without a reading is
-    a GPU the driver no longer sees, which is fatal.
+    a GPU the driver no longer sees, which is fatal. `known_uuids` names such
+    a GPU by the UUID it had when it was last seen.
     """
     policy = policy or HealthPolicy()
+    known_uuids = known_uuids or {}
     by_index = {reading.index: reading for reading in readings}
     total = max([expected_gpus, *(index + 1 for index in by_index)])
     gpus = tuple(
-        assess_gpu(by_index[index], now, policy) if index in by_index else _missing_gpu(index)
+        assess_gpu(by_index[index], now, policy)
+        if index in by_index
+        else _missing_gpu(index, known_uuids.get(index, ""))
         for index in range(total)
     )
     unhealthy = [gpu for gpu in gpus if not gpu.healthy]
@@ -338,8 +346,8 @@ def _worst_first(faults: list[GpuFault]) -> tuple[GpuFault, ...]:
     return tuple(sorted(faults, key=lambda fault: fault.severity is not Severity.FATAL))
 
 
-def _missing_gpu(index: int) -> GpuAssessment:
-    return GpuAssessment(index, "", (
+def _missing_gpu(index: int, uuid: str) -> GpuAssessment:
+    return GpuAssessment(index, uuid, (
         GpuFault(REASON_GPU_MISSING, Severity.FATAL, "not listed by the driver"),
     ))
 
