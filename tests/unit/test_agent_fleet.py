@@ -1,0 +1,309 @@
+"""Fleet mode against an in-memory API: which nodes it plays, that it writes
+only on change, and that it stays cheap at thousands of nodes."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from gpucluster.agent import fleet as fleet_module
+from gpucluster.agent.exporter import DcgmCollector
+from gpucluster.agent.fleet import Fleet, FleetRunner, NodeWatcher, gpu_count
+from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
+from gpucluster.agent.nodestatus import MemoryNodeClient, gpu_condition_of
+from gpucluster.names import (
+    ANNOTATION_HEALTHY_GPUS,
+    ANNOTATION_KWOK_NODE,
+    ANNOTATION_UNHEALTHY_GPUS,
+    LABEL_GPU_COUNT,
+    LABEL_GPU_PRODUCT,
+)
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+H200 = "NVIDIA-H200"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def kwok_node(name: str, product: str | None = H100, count: int | None = 8,
+              kwok: bool = True, **annotations: str) -> dict[str, Any]:
+    labels = {}
+    if product is not None:
+        labels[LABEL_GPU_PRODUCT] = product
+    if count is not None:
+        labels[LABEL_GPU_COUNT] = str(count)
+    if kwok:
+        annotations[ANNOTATION_KWOK_NODE] = "fake"
+    return {"metadata": {"name": name, "labels": labels, "annotations": annotations,
+                         "resourceVersion": "1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+class World:
+    """The API server's nodes, a fleet watching them, and the watch events."""
+
+    def __init__(self, *nodes: dict[str, Any]) -> None:
+        self.clock = Clock()
+        self.api = MemoryNodeClient(nodes)
+        self.fleet = Fleet(self.api, clock=self.clock)
+        self.fleet.replace_all([self.api.get(name) for name in self.api.nodes])
+
+    def settle(self) -> int:
+        """Evaluate, drain the writes, echo them back as watch events; the
+        number of writes it took."""
+        before = len(self.api.writes)
+        self.fleet.evaluate()
+        written = set()
+        while self.fleet.write_next(timeout=0):
+            pass
+        for name, _ in self.api.writes[before:]:
+            written.add(name)
+        for name in sorted(written):
+            self.fleet.observe("MODIFIED", self.api.get(name))
+        return len(self.api.writes) - before
+
+    def annotate(self, name: str, value: str | None) -> None:
+        """Someone (kubectl) changes a node: the API changes, the watch tells."""
+        self.api.patch_annotations(name, {ANNOTATION_INJECT_FAULT: value})
+        self.api.writes.pop()
+        self.fleet.observe("MODIFIED", self.api.get(name))
+
+    def condition(self, name: str) -> dict[str, Any]:
+        found = gpu_condition_of(self.api.nodes[name])
+        assert found is not None
+        return dict(found)
+
+
+def test_plays_only_kwok_nodes_of_a_known_product() -> None:
+    world = World(
+        kwok_node("h100-0"), kwok_node("h200-0", H200, count=4),
+        kwok_node("real-0", kwok=False), kwok_node("cpu-0", product=None),
+        kwok_node("a100-0", "NVIDIA-A100-SXM4-80GB"),
+    )
+    assert world.fleet.node_names() == ["h100-0", "h200-0"]
+    assert world.settle() == 4
+    assert world.condition("h100-0")["message"] == "all 8 GPUs healthy"
+    assert world.condition("h200-0")["message"] == "all 4 GPUs healthy"
+    assert world.api.nodes["real-0"]["status"]["conditions"] == [
+        {"type": "Ready", "status": "True"}
+    ]
+
+
+def test_gpu_count_from_label_capacity_or_default() -> None:
+    assert gpu_count(kwok_node("n", count=4)) == 4
+    node = kwok_node("n", count=None)
+    assert gpu_count(node) == 8
+    node["status"]["capacity"] = {"nvidia.com/gpu": "2"}
+    assert gpu_count(node) == 2
+
+
+def test_writes_once_then_only_on_change() -> None:
+    world = World(*(kwok_node(f"n{i}") for i in range(3)))
+    assert world.settle() == 6  # annotation and condition of each
+    assert world.settle() == 0
+
+    world.annotate("n1", "gpu=3,xid=79")
+    assert world.settle() == 2
+    condition = world.condition("n1")
+    assert (condition["status"], condition["reason"]) == ("False", "GPUFellOffBus")
+    assert "GPU 3 (GPU-" in condition["message"]
+    annotations = world.api.nodes["n1"]["metadata"]["annotations"]
+    assert (annotations[ANNOTATION_HEALTHY_GPUS], annotations[ANNOTATION_UNHEALTHY_GPUS]) == (
+        "7", "3")
+    assert world.condition("n0")["status"] == "True"
+
+    world.annotate("n1", "gpu=3,xid=79;gpu=0,fault=overtemp")
+    assert world.settle() == 2  # the message and the counts change, the status does not
+    assert world.condition("n1")["lastTransitionTime"] == condition["lastTransitionTime"]
+
+    world.annotate("n1", None)  # clears the over-temperature only
+    assert world.settle() == 2
+    assert world.condition("n1")["reason"] == "GPUFellOffBus"
+    assert world.api.nodes["n1"]["metadata"]["annotations"][ANNOTATION_HEALTHY_GPUS] == "7"
+
+    world.annotate("n1", "gpu=3,fault=reset")
+    assert world.settle() == 2
+    assert world.condition("n1")["status"] == "True"
+    assert ANNOTATION_UNHEALTHY_GPUS not in world.api.nodes["n1"]["metadata"]["annotations"]
+
+
+def test_unrelated_node_events_cost_no_write() -> None:
+    world = World(kwok_node("n0"))
+    world.settle()
+    for _ in range(5):  # KWOK heartbeats: the node changes, our fields do not
+        node = world.api.get("n0")
+        node["status"]["conditions"][0]["lastHeartbeatTime"] = str(time.time())
+        world.fleet.observe("MODIFIED", node)
+        assert world.settle() == 0
+
+
+def test_a_condition_removed_by_someone_else_is_written_again() -> None:
+    world = World(kwok_node("n0"))
+    world.settle()
+    node = world.api.nodes["n0"]
+    node["status"]["conditions"] = [c for c in node["status"]["conditions"]
+                                    if c["type"] == "Ready"]
+    world.fleet.observe("MODIFIED", world.api.get("n0"))
+    assert world.settle() == 1
+    assert world.condition("n0")["status"] == "True"
+
+
+def test_a_restarted_fleet_writes_nothing_when_nodes_show_their_verdict() -> None:
+    world = World(*(kwok_node(f"n{i}") for i in range(4)))
+    world.annotate("n2", "gpu=1,fault=dbe")
+    world.settle()
+    restarted = Fleet(world.api, clock=world.clock)
+    restarted.replace_all([world.api.get(name) for name in world.api.nodes])
+    assert restarted.evaluate() == 0
+    assert restarted.verdict_of("n2").reason == "DoubleBitECCError"
+
+
+def test_deleted_nodes_are_forgotten() -> None:
+    world = World(kwok_node("n0"), kwok_node("n1"))
+    world.settle()
+    world.fleet.observe("DELETED", world.api.get("n0"))
+    assert world.fleet.node_names() == ["n1"]
+    world.fleet.replace_all([])
+    assert world.fleet.node_names() == []
+    assert world.settle() == 0
+
+
+def test_a_transient_xid_ages_out_on_the_timed_pass() -> None:
+    world = World(kwok_node("n0"))
+    world.annotate("n0", "gpu=2,xid=94")
+    world.settle()
+    assert world.condition("n0")["reason"] == "ContainedECCError"
+    assert world.settle() == 0  # the echo of the write: nothing to do
+    world.clock.now += 601
+    assert world.fleet.evaluate(include_timed=False) == 0  # no node changed
+    assert world.settle() == 2
+    assert world.condition("n0")["status"] == "True"
+
+
+def test_a_failed_write_is_retried_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(kwok_node("n0"))
+    failures = [ConnectionError("API server away")]
+    original = world.api.patch_condition
+
+    def flaky(name: str, condition: dict[str, str]) -> None:
+        if failures:
+            raise failures.pop()
+        original(name, condition)
+
+    monkeypatch.setattr(world.api, "patch_condition", flaky)
+    assert world.settle() == 1  # the annotation went in, the condition did not
+    assert world.settle() == 0  # not yet due
+    world.clock.now += fleet_module.RETRY_AFTER_S
+    assert world.settle() == 1
+    assert world.condition("n0")["status"] == "True"
+
+
+def test_five_thousand_nodes() -> None:
+    started = time.perf_counter()
+    world = World(*(kwok_node(f"node-{i:05d}", H100 if i % 4 else H200) for i in range(5000)))
+    assert world.settle() == 10_000
+    assert world.settle() == 0
+    world.annotate("node-01234", "gpu=6,xid=48")
+    assert world.settle() == 2
+    assert world.fleet.evaluate() == 0
+    assert world.condition("node-01234")["reason"] == "DoubleBitECCError"
+    elapsed = time.perf_counter() - started
+    assert elapsed < 25, f"5,000 nodes took {elapsed:.1f}s"
+
+
+def test_metrics_cover_every_node() -> None:
+    world = World(*(kwok_node(f"n{i}") for i in range(50)))
+    world.settle()
+    families = {m.name: m for m in DcgmCollector(world.fleet.snapshot).collect()}
+    temps = families["DCGM_FI_DEV_GPU_TEMP"].samples
+    assert len(temps) == 400
+    assert len({s.labels["Hostname"] for s in temps}) == 50
+
+
+class FakeCore:
+    """The two list_node calls NodeWatcher makes, answered from scripts."""
+
+    class Response:
+        def __init__(self, body: bytes = b"", lines: list[dict[str, Any]] | None = None):
+            self.data = body
+            self._lines = [json.dumps(line).encode() + b"\n" for line in lines or []]
+
+        def __iter__(self):
+            return iter(self._lines)
+
+        def release_conn(self) -> None:
+            pass
+
+    def __init__(self, pages: list[tuple[list[dict[str, Any]], str | None]],
+                 watches: list[list[dict[str, Any]]], on_exhausted: Any) -> None:
+        self.pages, self.watches, self.on_exhausted = pages, watches, on_exhausted
+        self.calls: list[dict[str, Any]] = []
+
+    def list_node(self, **kwargs: Any) -> Response:
+        self.calls.append(kwargs)
+        if kwargs.get("watch"):
+            if not self.watches:
+                self.on_exhausted()
+                return self.Response()
+            return self.Response(lines=self.watches.pop(0))
+        items, more = self.pages.pop(0)
+        return self.Response(json.dumps({
+            "items": items, "metadata": {"resourceVersion": "100", "continue": more}
+        }).encode())
+
+
+def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
+    api = MemoryNodeClient()
+    fleet = Fleet(api)
+    deleted = kwok_node("a")
+    deleted["metadata"]["resourceVersion"] = "130"
+    watcher: NodeWatcher
+    core = FakeCore(
+        pages=[([kwok_node("a")], "page-2"), ([kwok_node("b")], None),  # the first list
+               ([kwok_node("b")], None)],  # the list after the watch expired
+        watches=[
+            [{"type": "ADDED", "object": kwok_node("c")},
+             {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "120"}}},
+             {"type": "DELETED", "object": deleted}],
+            [{"type": "ERROR", "object": {"code": 410, "message": "too old"}}],
+        ],
+        on_exhausted=lambda: watcher.stop(),
+    )
+    watcher = NodeWatcher(core, fleet)  # type: ignore[arg-type]
+    watcher.run()
+    assert watcher.synced.is_set()
+    assert fleet.node_names() == ["b"]  # c came and went with the relist
+    watches = [call for call in core.calls if call.get("watch")]
+    assert watches[0]["resource_version"] == "100"
+    assert watches[1]["resource_version"] == "130"  # followed on from the last event
+    lists = [call for call in core.calls if not call.get("watch")]
+    assert [call["_continue"] for call in lists] == [None, "page-2", None]
+    assert all(call["label_selector"] == LABEL_GPU_PRODUCT for call in core.calls)
+
+
+def test_fleet_runner_threads_write_the_listed_nodes() -> None:
+    api = MemoryNodeClient([kwok_node(f"n{i}") for i in range(3)])
+    fleet = Fleet(api)
+    core = FakeCore(pages=[([api.get(f"n{i}") for i in range(3)], None)], watches=[],
+                    on_exhausted=lambda: time.sleep(0.05))
+    runner = FleetRunner(fleet, NodeWatcher(core, fleet), interval=0.05,  # type: ignore[arg-type]
+                         writers=2)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(api.writes) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stopping = time.monotonic()
+        runner.stop()
+    assert time.monotonic() - stopping < 5
+    assert sorted(api.writes) == sorted((f"n{i}", kind) for i in range(3)
+                                        for kind in ("annotations", "condition"))
