@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from gpucluster import names
 
-from . import cluster
+from . import cluster, job
 
 CRD_DIR = Path(__file__).resolve().parents[3] / "crds"
 # Keywords of JSON Schema that a Kubernetes structural schema does not take.
@@ -61,9 +61,10 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
     for key, value in schema.items():
         if key in _DROPPED_KEYWORDS:
             continue
-        if key == "additionalProperties" and value is False:
-            # Structural schemas prune unknown fields instead, and kubectl's
-            # strict field validation reports them.
+        if key == "additionalProperties" and isinstance(value, bool):
+            # Structural schemas prune unknown fields instead (kubectl's strict
+            # field validation reports them), and keep them where
+            # x-kubernetes-preserve-unknown-fields says so.
             continue
         if key == "description":
             out[key] = " ".join(value.split())
@@ -135,6 +136,27 @@ CRDS = [
              "description": "GPUs on healthy nodes", "priority": 1},
             {"name": "Ready", "type": "string",
              "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    ),
+    CRDSpec(
+        model=job.TrainingJob,
+        kind=job.KIND,
+        plural=job.PLURAL,
+        short_names=["tj"],
+        scope="Namespaced",
+        printer_columns=[
+            {"name": "Cluster", "type": "string", "jsonPath": ".spec.cluster"},
+            {"name": "Pool", "type": "string", "jsonPath": ".status.pool"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Workers", "type": "string", "jsonPath": ".status.workersReady",
+             "description": "Running/total workers"},
+            {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
+            {"name": "Queue", "type": "integer", "jsonPath": ".status.queuePosition",
+             "description": "Position among waiting jobs"},
+            {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+            {"name": "Nodes", "type": "string", "jsonPath": ".status.nodes", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     ),

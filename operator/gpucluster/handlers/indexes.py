@@ -33,6 +33,8 @@ def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: An
         cordoned=bool(spec.get("unschedulable")),
         draining=ANNOTATION_DRAINING in annotations,
         gpus=int(allocatable.get(names.GPU_RESOURCE, labels.get(names.LABEL_GPU_COUNT, "0"))),
+        block=labels.get(names.LABEL_BLOCK, ""),
+        rack=labels.get(names.LABEL_RACK, ""),
     )
 
 

@@ -47,6 +47,8 @@ class ObservedNode:
     busy: bool = False
     draining: bool = False
     gpus: int = 8
+    block: str = ""
+    rack: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""The objects of a TrainingJob: one headless Service, one pod per worker
+bound to the node the planner chose, and the job's status."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kubernetes
+
+from gpucluster import names
+from gpucluster.api import job as api
+from gpucluster.planning.jobs import torchrun_env
+
+from .client import call, core, custom, status_of
+
+
+def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": names.API_VERSION, "kind": api.KIND, "name": job["metadata"]["name"],
+            "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def service_manifest(job: Mapping[str, Any]) -> dict[str, Any]:
+    name = job["metadata"]["name"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": job["metadata"]["namespace"],
+                     "labels": {names.LABEL_JOB_NAME: name},
+                     "ownerReferences": [owner_reference(job)]},
+        # Headless, and published before the pods are ready: rank 0's name
+        # must resolve while the workers are still rendezvousing.
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {names.LABEL_JOB_NAME: name},
+                 "ports": [{"name": "rendezvous",
+                            "port": int(job["spec"].get("masterPort", api.DEFAULT_MASTER_PORT))}]},
+    }
+
+
+def pod_manifest(job: Mapping[str, Any], rank: int, node: str, attempt: int) -> dict[str, Any]:
+    spec = job["spec"]
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    workers, gpus = int(spec["workers"]), int(spec["gpusPerWorker"])
+    template = copy.deepcopy(spec["template"])
+    pod_spec = template.get("spec", {})
+    env = torchrun_env(name, namespace, rank, workers, gpus,
+                       int(spec.get("masterPort", api.DEFAULT_MASTER_PORT)))
+    for index, container in enumerate(pod_spec["containers"]):
+        container["env"] = [e for e in container.get("env", []) if e["name"] not in {v["name"] for v in env}] + env
+        if index == 0:
+            resources = container.setdefault("resources", {})
+            resources.setdefault("limits", {})[names.GPU_RESOURCE] = str(gpus)
+            resources.setdefault("requests", {})[names.GPU_RESOURCE] = str(gpus)
+    meta = template.get("metadata", {})
+    labels = {**meta.get("labels", {}), names.LABEL_JOB_NAME: name, names.LABEL_JOB_RANK: str(rank),
+              names.LABEL_JOB_ATTEMPT: str(attempt)}
+    pod_spec.update({
+        # Bound by the planner's decision: the default scheduler never places
+        # a gang member, but it sees these pods' GPU requests on the node.
+        "nodeName": node,
+        "hostname": f"{name}-{rank}",
+        "subdomain": name,
+        "restartPolicy": "Never",
+    })
+    pod_spec.setdefault("tolerations", []).append(
+        {"key": names.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{name}-{attempt}-{rank}", "namespace": namespace, "labels": labels,
+                     "annotations": meta.get("annotations", {}),
+                     "ownerReferences": [owner_reference(job)]},
+        "spec": pod_spec,
+    }
+
+
+async def create_gang(job: Mapping[str, Any], nodes: Sequence[str], attempt: int) -> None:
+    """The Service (once) and one pod per rank; an object that already exists
+    (a restart between create and status write) is taken as created."""
+    namespace = job["metadata"]["namespace"]
+    try:
+        await call(core().create_namespaced_service, namespace, service_manifest(job), _preload_content=False)
+    except kubernetes.client.ApiException as err:
+        if status_of(err) != 409:
+            raise
+    for rank, node in enumerate(nodes):
+        try:
+            await call(core().create_namespaced_pod, namespace, pod_manifest(job, rank, node, attempt),
+                       _preload_content=False)
+        except kubernetes.client.ApiException as err:
+            if status_of(err) != 409:
+                raise
+
+
+async def delete_gang(namespace: str, name: str) -> None:
+    """Deletes every worker pod of the job, all attempts, at once."""
+    await call(core().delete_collection_namespaced_pod, namespace,
+               label_selector=f"{names.LABEL_JOB_NAME}={name}", _preload_content=False)
+
+
+async def patch_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    await call(custom().patch_namespaced_custom_object_status, names.GROUP, names.VERSION, namespace,
+               api.PLURAL, name, {"status": dict(status)})
+
+
+async def read_job(namespace: str, name: str) -> Any:
+    try:
+        return await call(custom().get_namespaced_custom_object, names.GROUP, names.VERSION, namespace,
+                          api.PLURAL, name)
+    except kubernetes.client.ApiException as err:
+        if status_of(err) == 404:
+            return None
+        raise
+
+
+async def priority_class_value(class_name: str) -> int | None:
+    try:
+        found = await call(kubernetes.client.SchedulingV1Api(core().api_client).read_priority_class, class_name)
+    except kubernetes.client.ApiException as err:
+        if status_of(err) == 404:
+            return None
+        raise
+    return None if found.value is None else int(found.value)
