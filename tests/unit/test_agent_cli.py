@@ -39,11 +39,11 @@ def test_agent_flags() -> None:
     args = parser().parse_args([
         "agent", "--backend", "fake", "--profile", "h200-141gb", "--gpus", "4", "--fleet",
         "--metrics-port", "9500", "--kubeconfig", "/tmp/kc", "--interval", "2",
-        "--node-name", "n1", "--writers", "16",
+        "--node-name", "n1", "--writers", "16", "--node-selector", "pool=h100",
     ])
     assert (args.backend, args.profile, args.gpus, args.fleet) == ("fake", "h200-141gb", 4, True)
     assert (args.metrics_port, args.kubeconfig, args.interval) == (9500, "/tmp/kc", 2.0)
-    assert (args.node_name, args.writers) == ("n1", 16)
+    assert (args.node_name, args.writers, args.node_selector) == ("n1", 16, "pool=h100")
 
 
 def test_device_plugin_defaults() -> None:

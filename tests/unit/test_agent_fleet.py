@@ -277,7 +277,7 @@ def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
         ],
         on_exhausted=lambda: watcher.stop(),
     )
-    watcher = NodeWatcher(core, fleet)  # type: ignore[arg-type]
+    watcher = NodeWatcher(core, fleet, node_selector="pool=h100")  # type: ignore[arg-type]
     watcher.run()
     assert watcher.synced.is_set()
     assert fleet.node_names() == ["b"]  # c came and went with the relist
@@ -286,7 +286,8 @@ def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
     assert watches[1]["resource_version"] == "130"  # followed on from the last event
     lists = [call for call in core.calls if not call.get("watch")]
     assert [call["_continue"] for call in lists] == [None, "page-2", None]
-    assert all(call["label_selector"] == LABEL_GPU_PRODUCT for call in core.calls)
+    assert all(call["label_selector"] == f"{LABEL_GPU_PRODUCT},pool=h100"
+               for call in core.calls)
 
 
 def test_fleet_runner_threads_write_the_listed_nodes() -> None:

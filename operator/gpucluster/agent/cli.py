@@ -53,6 +53,9 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="seconds between two readings of the GPUs (default: %(default)s)")
     parser.add_argument("--writers", type=int, default=8,
                         help="fleet: concurrent writes to the API server (default: %(default)s)")
+    parser.add_argument("--node-selector", default="",
+                        help="fleet: only the nodes this label selector also selects (to "
+                        "split a fleet over several processes)")
     parser.add_argument("--no-kube", action="store_true",
                         help="do not talk to the API server: only serve /metrics")
     _add_kube_flags(parser)
@@ -156,8 +159,8 @@ def _run_fleet(args: argparse.Namespace) -> int:
 
     core = connect(args.kubeconfig, args.in_cluster or None, pool_size=args.writers + 2)
     fleet = Fleet(KubeNodeClient(core))
-    runner = FleetRunner(fleet, NodeWatcher(core, fleet), interval=args.interval,
-                         writers=args.writers)
+    watcher = NodeWatcher(core, fleet, node_selector=args.node_selector)
+    runner = FleetRunner(fleet, watcher, interval=args.interval, writers=args.writers)
     metrics = serve_metrics(DcgmCollector(fleet.snapshot), args.metrics_port)
     log.info("fleet agent: /metrics on :%d", metrics.port)
     stop = _stop_on_signals()
