@@ -1,0 +1,76 @@
+"""Whether a job could ever fit its pool: what tells a job that only has to
+wait from one that no amount of waiting admits.
+
+"Ever" means on every node the pool has in the snapshot, empty: nodes that
+are unschedulable now count (remediation is expected to bring them back), and
+a job's excluded nodes count too (a gang restart's exclusions are temporary;
+the handler clears them). A pool still scaling up is judged on the nodes it
+has so far, so the handler should report the reason as a condition and keep
+judging every cycle rather than fail the job at once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+from gpucluster.planning.admission_snapshot import NodeSnapshot, PendingJob
+
+
+class PoolInventory:
+    """The nodes of one pool by topology, with slots per worker size cached."""
+
+    def __init__(self, pool: str, nodes: Sequence[NodeSnapshot]) -> None:
+        self.pool = pool
+        self._node_count = len(nodes)
+        self._total_gpus = sum(node.allocatable_gpus for node in nodes)
+        largest = max(nodes, key=lambda node: node.allocatable_gpus, default=None)
+        self._largest_node = largest
+        # Nodes per allocatable size, per rack: slots of a rack for any worker
+        # size follow without visiting its nodes again.
+        self._rack_sizes: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+        for node in nodes:
+            self._rack_sizes[(node.block, node.rack)][node.allocatable_gpus] += 1
+        self._slots_cache: dict[int, tuple[int, int, int]] = {}
+
+    def why_never_fits(self, job: PendingJob) -> str | None:
+        """A human-readable reason if `job` can never fit the empty pool."""
+        if self._largest_node is None:
+            return f"pool {self.pool!r} has no nodes"
+        gpus = job.gpus_per_worker
+        largest = self._largest_node
+        if gpus > largest.allocatable_gpus:
+            return (
+                f"needs {gpus} GPUs per worker, but the largest node of pool "
+                f"{self.pool!r} has {largest.allocatable_gpus} ({largest.gpu_product})"
+            )
+        total, per_block, per_rack = self._slots(gpus)
+        if total < job.workers:
+            return (
+                f"needs {job.workers} workers x {gpus} GPUs, but pool {self.pool!r} holds "
+                f"at most {total} such workers ({self._total_gpus} GPUs on "
+                f"{self._node_count} nodes)"
+            )
+        level = job.topology.required_level
+        largest_domain = {"block": per_block, "rack": per_rack, None: total}[level]
+        if largest_domain < job.workers:
+            return (
+                f"requires one {level} for {job.workers} workers x {gpus} GPUs, but the "
+                f"largest {level} of pool {self.pool!r} holds at most {largest_domain}"
+            )
+        return None
+
+    def _slots(self, worker_gpus: int) -> tuple[int, int, int]:
+        """(pool, largest block, largest rack) slots for workers of this size."""
+        cached = self._slots_cache.get(worker_gpus)
+        if cached is not None:
+            return cached
+        per_block: Counter[str] = Counter()
+        largest_rack = 0
+        for (block, _), sizes in self._rack_sizes.items():
+            rack_slots = sum(count * (size // worker_gpus) for size, count in sizes.items())
+            per_block[block] += rack_slots
+            largest_rack = max(largest_rack, rack_slots)
+        slots = (per_block.total(), max(per_block.values(), default=0), largest_rack)
+        self._slots_cache[worker_gpus] = slots
+        return slots
