@@ -1,0 +1,407 @@
+"""Admission planner: properties over random clusters, running gangs and
+queues, each checked against a brute-force oracle (slot counting per pool,
+block and rack, written independently of the planner's index)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+from gpucluster.planning.scheduling import (
+    AdmissionPlan,
+    NodeSnapshot,
+    PendingJob,
+    RunningGang,
+    TopologyRequest,
+    plan_admissions,
+    queue_order,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+NOW = 1000.0
+POOLS = ("h100", "h200")
+TOPOLOGIES = [
+    TopologyRequest(None, "preferred"),
+    TopologyRequest("rack", "required"),
+    TopologyRequest("block", "required"),
+    TopologyRequest("rack", "preferred"),
+    TopologyRequest("block", "preferred"),
+]
+
+settings.register_profile(
+    "scheduling",
+    max_examples=150,
+    deadline=None,  # a shared 2-core machine: wall time per example varies a lot
+    suppress_health_check=[HealthCheck.too_slow],
+)
+PROPERTY = settings.get_profile("scheduling")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    nodes: list[NodeSnapshot]
+    running: list[RunningGang]
+    pending: list[PendingJob]
+
+    @cached_property
+    def plan(self) -> AdmissionPlan:
+        return plan_admissions(self.nodes, self.running, self.pending, now=NOW)
+
+    @cached_property
+    def jobs(self) -> dict[str, PendingJob]:
+        return {job.key: job for job in self.pending}
+
+    def admitted_usage(self) -> list[dict[str, int]]:
+        return [
+            {node: count * self.jobs[key].gpus_per_worker for node, count in Counter(ranks).items()}
+            for key, ranks in self.plan.admissions.items()
+        ]
+
+    def waiting_in_order(self, pool: str) -> list[PendingJob]:
+        positions = self.plan.queue_positions
+        return sorted(
+            (job for job in self.pending if job.pool == pool and job.key in positions),
+            key=lambda job: positions[job.key],
+        )
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, max_jobs: int = 10, big_head: bool = False) -> Scenario:
+    """A random cluster, running gangs and queue; `big_head` adds a large
+    job of top priority, which mostly has to wait, reserve or preempt, so
+    that the jobs behind it exercise backfill."""
+    nodes: list[NodeSnapshot] = []
+    pools = POOLS[: draw(st.integers(1, 2))]
+    for pool in pools:
+        for block in range(draw(st.integers(1, 3))):
+            for rack in range(draw(st.integers(1, 3))):
+                for index in range(draw(st.integers(1, 4))):
+                    nodes.append(
+                        NodeSnapshot(
+                            name=f"{pool}-b{block}r{rack}n{index}",
+                            pool=pool,
+                            gpu_product=pool.upper(),
+                            allocatable_gpus=draw(st.sampled_from([8, 8, 8, 4, 6, 2, 1])),
+                            block=f"b{block}",
+                            rack=f"r{rack}",
+                            schedulable=draw(st.sampled_from([True] * 6 + [False])),
+                        )
+                    )
+    free = {node.name: node.allocatable_gpus for node in nodes}
+    running: list[RunningGang] = []
+    for number in range(draw(st.integers(0, 10))):
+        pool = draw(st.sampled_from(pools))
+        chosen = draw(
+            st.lists(
+                st.sampled_from([node.name for node in nodes if node.pool == pool]),
+                min_size=1,
+                max_size=6,
+                unique=True,
+            )
+        )
+        usage: dict[str, int] = {}
+        for name in chosen:
+            # Whole nodes half of the time: busy clusters make heads wait.
+            gpus = free[name] if draw(st.booleans()) else draw(st.integers(0, free[name]))
+            if gpus:
+                usage[name] = gpus
+                free[name] -= gpus
+        if usage:
+            running.append(
+                RunningGang(
+                    key=f"run/{number}",
+                    priority=draw(st.integers(0, 3)),
+                    pool=pool,
+                    gpus_by_node=usage,
+                    admitted_at=draw(st.floats(0, NOW)),
+                    evicting=draw(st.sampled_from([False] * 5 + [True])),
+                )
+            )
+    pending = [
+        PendingJob(
+            key=f"job/{number}",
+            priority=draw(st.integers(0, 3)),
+            arrival=draw(st.integers(0, 5)),
+            workers=draw(st.sampled_from([1, 1, 1, 2, 2, 3, 4, 6])),
+            gpus_per_worker=draw(st.sampled_from([8, 8, 4, 2, 1, 3])),
+            pool=draw(st.sampled_from([*pools * 4, "a100"])),
+            topology=draw(st.sampled_from(TOPOLOGIES)),
+            excluded_nodes=frozenset(
+                draw(st.lists(st.sampled_from([n.name for n in nodes]), max_size=2))
+            ),
+        )
+        for number in range(draw(st.integers(1, max_jobs)))
+    ]
+    if big_head:
+        workers = draw(st.integers(3, 12))
+        pending.append(PendingJob("job/big", 4, 0, workers, 8, "h100"))
+    return Scenario(nodes, running, pending)
+
+
+# --- the oracle -------------------------------------------------------------
+
+
+def free_gpus(nodes: Iterable[NodeSnapshot], holders: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    used: Counter[str] = Counter()
+    for usage in holders:
+        used.update(usage)
+    return {node.name: max(0, node.allocatable_gpus - used[node.name]) for node in nodes}
+
+
+def fits_on(
+    job: PendingJob,
+    nodes: Iterable[NodeSnapshot],
+    free: Mapping[str, int],
+    *,
+    honour_schedulable: bool = True,
+    honour_exclusions: bool = True,
+) -> bool:
+    """Whether some placement of `job` exists: identical workers fit a set
+    of nodes exactly when the nodes' floor(free / gpus) add up to workers."""
+    slots: Counter[tuple[str, ...]] = Counter()
+    for node in nodes:
+        if node.pool != job.pool:
+            continue
+        if honour_schedulable and not node.schedulable:
+            continue
+        if honour_exclusions and node.name in job.excluded_nodes:
+            continue
+        node_slots = free.get(node.name, 0) // job.gpus_per_worker
+        slots[("pool",)] += node_slots
+        slots[("block", node.block)] += node_slots
+        slots[("rack", node.block, node.rack)] += node_slots
+    level = job.topology.required_level
+    if level is None:
+        return slots[("pool",)] >= job.workers
+    return any(count >= job.workers for key, count in slots.items() if key[0] == level)
+
+
+def never_fits(job: PendingJob, nodes: list[NodeSnapshot]) -> bool:
+    empty = {node.name: node.allocatable_gpus for node in nodes}
+    return not fits_on(job, nodes, empty, honour_schedulable=False, honour_exclusions=False)
+
+
+# --- properties -------------------------------------------------------------
+
+
+@PROPERTY
+@given(scenarios())
+def test_never_over_commits_a_gpu(scenario: Scenario) -> None:
+    free = free_gpus(scenario.nodes, (gang.gpus_by_node for gang in scenario.running))
+    given_now: Counter[str] = Counter()
+    for usage in scenario.admitted_usage():
+        given_now.update(usage)
+    by_name = {node.name: node for node in scenario.nodes}
+    for name, gpus in given_now.items():
+        assert by_name[name].schedulable
+        assert gpus <= free[name]
+
+
+@PROPERTY
+@given(scenarios())
+def test_admits_whole_gangs_on_allowed_nodes_only(scenario: Scenario) -> None:
+    by_name = {node.name: node for node in scenario.nodes}
+    for key, ranks in scenario.plan.admissions.items():
+        job = scenario.jobs[key]
+        assert len(ranks) == job.workers
+        assert all(by_name[name].pool == job.pool for name in ranks)
+        assert not set(ranks) & job.excluded_nodes
+        for name, workers in Counter(ranks).items():
+            assert workers * job.gpus_per_worker <= by_name[name].allocatable_gpus
+
+
+@PROPERTY
+@given(scenarios())
+def test_required_level_is_never_spanned(scenario: Scenario) -> None:
+    by_name = {node.name: node for node in scenario.nodes}
+    for key, ranks in scenario.plan.admissions.items():
+        level = scenario.jobs[key].topology.required_level
+        blocks = {by_name[name].block for name in ranks}
+        racks = {(by_name[name].block, by_name[name].rack) for name in ranks}
+        if level == "block":
+            assert len(blocks) == 1
+        if level == "rack":
+            assert len(racks) == 1
+
+
+@PROPERTY
+@given(scenarios())
+def test_every_job_gets_exactly_one_outcome(scenario: Scenario) -> None:
+    plan = scenario.plan
+    outcomes = Counter([*plan.admissions, *plan.unschedulable, *plan.queue_positions])
+    assert outcomes == Counter(job.key for job in scenario.pending)
+    for pool in {job.pool for job in scenario.pending}:
+        positions = [plan.queue_positions[job.key] for job in scenario.waiting_in_order(pool)]
+        assert positions == list(range(1, len(positions) + 1))
+        assert [job.queue_key for job in scenario.waiting_in_order(pool)] == sorted(
+            job.queue_key for job in scenario.waiting_in_order(pool)
+        )
+
+
+@PROPERTY
+@given(scenarios())
+def test_unschedulable_exactly_when_the_empty_pool_cannot_hold_it(scenario: Scenario) -> None:
+    for job in scenario.pending:
+        assert (job.key in scenario.plan.unschedulable) == never_fits(job, scenario.nodes)
+
+
+@PROPERTY
+@given(scenarios())
+def test_the_first_job_of_a_queue_is_admitted_iff_it_fits(scenario: Scenario) -> None:
+    free = free_gpus(scenario.nodes, (gang.gpus_by_node for gang in scenario.running))
+    for pool in POOLS:
+        queue = [
+            job
+            for job in queue_order(scenario.pending)
+            if job.pool == pool and job.key not in scenario.plan.unschedulable
+        ]
+        if queue:
+            first = queue[0]
+            assert (first.key in scenario.plan.admissions) == fits_on(first, scenario.nodes, free)
+
+
+@PROPERTY
+@given(scenarios())
+def test_the_first_job_is_packed_in_one_rack_or_block_when_one_holds_it(
+    scenario: Scenario,
+) -> None:
+    free = free_gpus(scenario.nodes, (gang.gpus_by_node for gang in scenario.running))
+    by_name = {node.name: node for node in scenario.nodes}
+    for pool in POOLS:
+        queue = [
+            job
+            for job in queue_order(scenario.pending)
+            if job.pool == pool and job.key not in scenario.plan.unschedulable
+        ]
+        if not queue or queue[0].key not in scenario.plan.admissions:
+            continue
+        first = queue[0]
+        ranks = scenario.plan.admissions[first.key]
+        for level in ("rack", "block"):
+            as_required = PendingJob(
+                first.key,
+                first.priority,
+                first.arrival,
+                first.workers,
+                first.gpus_per_worker,
+                first.pool,
+                TopologyRequest(level, "required"),
+                first.excluded_nodes,
+            )
+            if fits_on(as_required, scenario.nodes, free):
+                domains = {
+                    (by_name[n].block, by_name[n].rack if level == "rack" else "")
+                    for n in ranks
+                }
+                assert len(domains) == 1, level
+                break
+
+
+@PROPERTY
+@given(st.one_of(scenarios(), scenarios(big_head=True)))
+def test_a_waiting_job_does_not_fit_what_is_left(scenario: Scenario) -> None:
+    """Priority order and work conservation: whatever waits could not have
+    been placed on what the cycle left free (outside other heads'
+    reservations), so nothing behind it took its place."""
+    plan = scenario.plan
+    free = free_gpus(
+        scenario.nodes,
+        [*(gang.gpus_by_node for gang in scenario.running), *scenario.admitted_usage()],
+    )
+    for key in plan.queue_positions:
+        job = scenario.jobs[key]
+        held_for_others = {
+            name
+            for head, names in plan.reservations.items()
+            if head != key
+            for name in names
+        }
+        left = {name: 0 if name in held_for_others else gpus for name, gpus in free.items()}
+        assert not fits_on(job, scenario.nodes, left)
+
+
+@PROPERTY
+@given(st.one_of(scenarios(), scenarios(big_head=True)))
+def test_backfill_never_delays_the_head(scenario: Scenario) -> None:
+    """Nothing after the head lands on its reservation, and the head fits
+    on its reserved nodes once the gangs on them are gone."""
+    plan = scenario.plan
+    assert set(plan.reservations) <= {k for k, p in plan.queue_positions.items() if p == 1}
+    order = {job.key: job.queue_key for job in scenario.pending}
+    by_name = {node.name: node for node in scenario.nodes}
+    for head_key, reserved in plan.reservations.items():
+        head = scenario.jobs[head_key]
+        for key, ranks in plan.admissions.items():
+            if scenario.jobs[key].pool == head.pool and order[key] > order[head_key]:
+                assert not set(ranks) & set(reserved)
+        drained = {name: by_name[name].allocatable_gpus for name in reserved}
+        assert fits_on(head, [by_name[name] for name in reserved], drained)
+
+
+@PROPERTY
+@given(st.one_of(scenarios(), scenarios(big_head=True)))
+def test_preemption_only_when_it_admits_the_preemptor(scenario: Scenario) -> None:
+    plan = scenario.plan
+    gangs = {gang.key: gang for gang in scenario.running}
+    victims_of: dict[str, set[str]] = {}
+    for preemption in plan.preemptions:
+        victims_of.setdefault(preemption.preemptor, set()).add(preemption.victim)
+    for preemptor_key, victims in victims_of.items():
+        preemptor = scenario.jobs[preemptor_key]
+        assert plan.queue_positions[preemptor_key] == 1
+        for victim in victims:
+            assert gangs[victim].priority < preemptor.priority
+            assert gangs[victim].pool == preemptor.pool
+            assert not gangs[victim].evicting
+
+        def fits_without(gone: set[str], job: PendingJob = preemptor) -> bool:
+            staying = (
+                gang.gpus_by_node
+                for gang in scenario.running
+                if gang.key not in gone and not (gang.evicting and gang.pool == job.pool)
+            )
+            free = free_gpus(scenario.nodes, [*staying, *scenario.admitted_usage()])
+            return fits_on(job, scenario.nodes, free)
+
+        assert fits_without(victims)
+        for spared in victims:
+            assert not fits_without(victims - {spared}), f"{spared} was not needed"
+
+
+@PROPERTY
+@given(scenarios(), st.randoms(use_true_random=False))
+def test_plan_does_not_depend_on_input_order(scenario: Scenario, shuffler: random.Random) -> None:
+    nodes, running, pending = list(scenario.nodes), list(scenario.running), list(scenario.pending)
+    for items in (nodes, running, pending):
+        shuffler.shuffle(items)
+    assert plan_admissions(nodes, running, pending, now=NOW) == scenario.plan
+
+
+@PROPERTY
+@given(st.data())
+def test_deadlock_two_jobs_over_half_the_pool(data: st.DataObject) -> None:
+    """Each needs more than half of the pool's GPUs: one is admitted whole,
+    the other waits whole, holding nothing."""
+    scenario = data.draw(scenarios(max_jobs=1))
+    nodes = [node for node in scenario.nodes if node.pool == "h100"]
+    nodes = [
+        NodeSnapshot(n.name, n.pool, n.gpu_product, n.allocatable_gpus, n.block, n.rack)
+        for n in nodes
+    ]
+    total = sum(node.allocatable_gpus for node in nodes)
+    gpus = data.draw(st.sampled_from([1, 2]))
+    workers = total // (2 * gpus) + 1
+    first, second = (
+        PendingJob(key, 0, arrival, workers, gpus, "h100") for key, arrival in (("a", 0), ("b", 1))
+    )
+    empty = {node.name: node.allocatable_gpus for node in nodes}
+    if not fits_on(first, nodes, empty):
+        return
+    plan = plan_admissions(nodes, [], [second, first], now=NOW)
+    assert set(plan.admissions) == {"a"}
+    assert len(plan.admissions["a"]) == workers
+    assert plan.queue_positions == {"b": 1}
