@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from gpucluster import __version__, runner
+from gpucluster.agent import cli as agent_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpucluster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     runner.add_parser(sub)
+    agent_cli.add_agent_parser(sub)
+    agent_cli.add_device_plugin_parser(sub)
     dev = sub.add_parser("dev-cluster", help="the local control plane with KWOK GPU nodes",
                          add_help=False)
     dev.set_defaults(func=None)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from gpucluster import devcluster
 
-from .harness import REPO_ROOT, Kubectl, OperatorProcess, wait_for
+from .harness import REPO_ROOT, AgentProcess, Kubectl, OperatorProcess, wait_for
 
 TEST_STATE_DIR = REPO_ROOT / ".local-cluster" / "test"
 
@@ -69,3 +69,15 @@ def running_operator(operator: OperatorProcess) -> OperatorProcess:
     wait_for(lambda: "authentication has finished" in operator.log_path.read_text(),
              timeout=30, what=f"the operator to log in; log: {operator.log_path}")
     return operator
+
+
+@pytest.fixture(scope="session")
+def fleet_agent(crds: None, kubeconfig: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One fleet agent plays the node agent of every KWOK GPU node of the
+    TrainingClusters (fake GPUs, faults from the inject-fault annotation)."""
+    agent = AgentProcess(kubeconfig, tmp_path_factory.mktemp("agent"))
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()

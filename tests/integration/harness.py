@@ -59,8 +59,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class OperatorProcess:
-    """`gpucluster run` as a real process, so a test can kill it mid-work."""
+class GpuclusterProcess:
+    """A `gpucluster` subcommand as a real process, so a test can kill it mid-work."""
+
+    role = "gpucluster"
 
     def __init__(self, kubeconfig: str, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.kubeconfig = kubeconfig
@@ -72,17 +74,18 @@ class OperatorProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.starts}.log"
+        return self.log_dir / f"{self.role}-{self.starts}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self) -> None:
         self.starts += 1
         self.metrics_port = free_port()
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpucluster.cli", "run", "--metrics-port",
-                 str(self.metrics_port), "--liveness-port", str(free_port()), *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *self.command(),
+                                          *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, as when a node dies under the operator."""
@@ -100,6 +103,23 @@ class OperatorProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class OperatorProcess(GpuclusterProcess):
+    role = "operator"
+
+    def command(self) -> list[str]:
+        return ["run", "--metrics-port", str(self.metrics_port), "--liveness-port", str(free_port())]
+
+
+class AgentProcess(GpuclusterProcess):
+    """The node agent in fleet mode over the TrainingClusters' KWOK nodes."""
+
+    role = "agent"
+
+    def command(self) -> list[str]:
+        return ["agent", "--backend", "fake", "--fleet", "--interval", "0.5",
+                "--node-selector", "gpucluster.dev/cluster", "--metrics-port", str(self.metrics_port)]
 
 
 def finish_pod(kubectl: Kubectl, namespace: str, name: str, exit_code: int) -> None:

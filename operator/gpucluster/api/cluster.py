@@ -40,6 +40,35 @@ class PoolTopology(CamelModel):
     )
 
 
+class RemediationPolicy(CamelModel):
+    """How a pool heals GPU faults: the quarantine budget (a circuit breaker
+    in NVSentinel's manner) and whether fatally failed nodes are replaced."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "type(self.maxUnavailable) == int ? self.maxUnavailable >= 0 "
+                ": self.maxUnavailable.matches('^[0-9]+%$')",
+        "message": "maxUnavailable must be a node count (e.g. 2) or a percent of the pool (e.g. 10%)",
+        "fieldPath": ".maxUnavailable",
+    }]})
+
+    maxUnavailable: int | str = Field(
+        default="10%",
+        description="Most nodes of the pool out of service at once (quarantined, NotReady or missing): "
+                    "a count or a percent of the pool's nodes. Past it, faulty nodes wait and the "
+                    "cluster reports Degraded/RemediationBudgetExhausted.",
+        json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": 4},
+    )
+    maxPerWindow: int = Field(
+        default=0, ge=0, le=100000,
+        description="Most new quarantines in windowSeconds (0: only maxUnavailable limits).")
+    windowSeconds: int = Field(default=600, ge=1, le=86400,
+                               description="The sliding window of maxPerWindow, in seconds.")
+    replace: bool = Field(
+        default=True,
+        description="Replace a node with a fatal GPU fault by a new one once drained (kwok pools; "
+                    "a static node stays quarantined for a person).")
+
+
 class NodePool(CamelModel):
     """A set of identical GPU nodes."""
 
@@ -99,6 +128,8 @@ class NodePool(CamelModel):
         description="Taints on every node of the pool.",
         max_length=32,
     )
+    remediation: RemediationPolicy = Field(
+        default_factory=RemediationPolicy, description="How GPU faults of the pool's nodes are remediated.")
 
 
 class TrainingClusterSpec(CamelModel):
@@ -122,6 +153,14 @@ class PoolStatus(CamelModel):
     desiredGPUs: int = Field(default=0, description="desiredNodes x gpusPerNode.")
     readyGPUs: int = Field(default=0, description="GPUs on ready nodes.")
     healthyGPUs: int = Field(default=0, description="GPUs on healthy nodes.")
+    quarantinedNodes: int = Field(default=0, description="Nodes cordoned and tainted for a GPU fault.")
+
+
+class PoolRemediationStatus(CamelModel):
+    recentQuarantines: list[str] = Field(
+        default_factory=list, description="When nodes were quarantined within the window (RFC 3339).")
+    waiting: list[str] = Field(
+        default_factory=list, description="Faulty nodes waiting for the budget to allow their quarantine.")
 
 
 class TrainingClusterStatus(CamelModel):
@@ -134,6 +173,8 @@ class TrainingClusterStatus(CamelModel):
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready, Progressing and Degraded."
     )
+    remediation: dict[str, PoolRemediationStatus] = Field(
+        default_factory=dict, description="Per pool: recent quarantines and nodes waiting for budget.")
 
 
 class TrainingCluster(CamelModel):

@@ -9,7 +9,6 @@ made meanwhile is honoured at once rather than after the old plan finishes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import time
 from collections.abc import Iterable
@@ -21,6 +20,8 @@ import pydantic
 
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
+from gpucluster.handlers.indexes import owned_nodes
+from gpucluster.handlers.remediation import remediate_pool
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, core, custom, status_of
 from gpucluster.planning.conditions import ConditionUpdate, merge_conditions
@@ -63,15 +64,6 @@ async def _read_cluster(name: str) -> Any:
         if status_of(err) == 404:
             return None
         raise
-
-
-def _owned(index: kopf.Index[str, ObservedNode], busy_nodes: kopf.Index[str, str],
-           cluster_name: str) -> dict[str, list[ObservedNode]]:
-    by_pool: dict[str, list[ObservedNode]] = {}
-    for node in index.get(cluster_name, []):
-        busy = node.name in busy_nodes
-        by_pool.setdefault(node.pool, []).append(dataclasses.replace(node, busy=busy))
-    return by_pool
 
 
 async def _static_candidates(pool: api.NodePool) -> list[StaticCandidate]:
@@ -197,7 +189,8 @@ def _status(body: Any, spec: api.TrainingClusterSpec,
         pools=[api.PoolStatus(name=p.name, gpu=p.gpu.value, desiredNodes=c.desired_nodes,
                               nodes=c.nodes, readyNodes=c.ready_nodes,
                               healthyNodes=c.healthy_nodes, desiredGPUs=c.desired_gpus,
-                              readyGPUs=c.ready_gpus, healthyGPUs=c.healthy_gpus)
+                              readyGPUs=c.ready_gpus, healthyGPUs=c.healthy_gpus,
+                              quarantinedNodes=c.quarantined_nodes)
                for p in spec.pools for c in [counts[p.name]]],
         nodes=f"{ready}/{desired}",
         readyGPUs=sum(c.ready_gpus for c in counts.values()),
@@ -205,6 +198,7 @@ def _status(body: Any, spec: api.TrainingClusterSpec,
         poolNames=",".join(p.name for p in spec.pools),
         conditions=[],
     ).model_dump()
+    status["remediation"] = (body.get("status") or {}).get("remediation") or {}
     status["conditions"] = merge_conditions(previous, updates, _now(), status["observedGeneration"])
     return status
 
@@ -268,7 +262,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
             body["metadata"].get("generation", 0))})
         return
     pools = {p.name: p for p in spec.pools}
-    owned = _owned(nodes_by_cluster, pods_by_node, name)
+    owned = owned_nodes(nodes_by_cluster, pods_by_node, name)
     plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
     for pool in spec.pools:
         shape = shape_of(name, pool)
@@ -294,6 +288,14 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
             message = f"{len(errors)} node writes failed: {_names_summary(errors, 3)}"
             kopf.warn(body, reason="NodeWriteFailed", message=message)
             raise kopf.TemporaryError(message, delay=5)
+        for pool in spec.pools:
+            healing = await remediate_pool(body, pool, owned.get(pool.name, []))
+            if healing.budget_exhausted:
+                degraded = ConditionUpdate(
+                    "Degraded", True, "RemediationBudgetExhausted",
+                    f"pool {pool.name}: {len(healing.waiting)} nodes with GPU faults wait for the remediation "
+                    f"budget (spec.pools[].remediation.maxUnavailable={pool.remediation.maxUnavailable}): "
+                    f"{_names_summary(healing.waiting)}")
     counts = {p.name: count_pool(shape_of(name, p), owned.get(p.name, [])) for p in spec.pools}
     _export_metrics(name, spec, counts)
     await _write_status(name, body, _status(body, spec, counts, degraded))

@@ -4,32 +4,36 @@ working and not)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import kopf
 
 from gpucluster import names
-from gpucluster.kube.nodes import ANNOTATION_DRAINING, LABEL_ORDINAL
+from gpucluster.kube.nodes import ANNOTATION_DRAINING, ANNOTATION_QUARANTINE, LABEL_ORDINAL
 from gpucluster.planning.pools import ObservedNode
 
 
-def _condition(status: Any, kind: str) -> str | None:
+def _condition_of(status: Any, kind: str) -> dict[str, Any]:
     for cond in (status or {}).get("conditions") or []:
         if cond.get("type") == kind:
-            return str(cond.get("status"))
-    return None
+            return dict(cond)
+    return {}
 
 
 def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: Any) -> ObservedNode:
     taints = spec.get("taints") or []
     allocatable = (status or {}).get("allocatable") or {}
+    gpu_condition = _condition_of(status, names.CONDITION_GPU_HEALTHY)
     return ObservedNode(
         name=name,
         pool=labels.get(names.LABEL_POOL, ""),
         ordinal=int(labels.get(LABEL_ORDINAL, "0") or 0),
-        ready=_condition(status, "Ready") == "True",
-        gpu_healthy=_condition(status, names.CONDITION_GPU_HEALTHY) != "False"
+        ready=_condition_of(status, "Ready").get("status") == "True",
+        gpu_healthy=gpu_condition.get("status") != "False"
         and not any(t.get("key") == names.TAINT_GPU_ERROR for t in taints),
+        gpu_fault=gpu_condition.get("reason", "") if gpu_condition.get("status") == "False" else "",
+        quarantined=ANNOTATION_QUARANTINE in annotations,
         cordoned=bool(spec.get("unschedulable")),
         draining=ANNOTATION_DRAINING in annotations,
         gpus=int(allocatable.get(names.GPU_RESOURCE, labels.get(names.LABEL_GPU_COUNT, "0"))),
@@ -54,3 +58,13 @@ def pods_by_node(*, namespace: str | None, name: str, spec: Any, status: Any, me
     if any(o.get("kind") == "DaemonSet" for o in meta.get("ownerReferences") or []):
         return None
     return {node: f"{namespace}/{name}"}
+
+
+def owned_nodes(index: kopf.Index[str, ObservedNode], busy_nodes: kopf.Index[str, str],
+                cluster_name: str) -> dict[str, list[ObservedNode]]:
+    """The cluster's nodes by pool, each marked busy when a pod keeps it so."""
+    by_pool: dict[str, list[ObservedNode]] = {}
+    for node in index.get(cluster_name, []):
+        busy = node.name in busy_nodes
+        by_pool.setdefault(node.pool, []).append(dataclasses.replace(node, busy=busy))
+    return by_pool

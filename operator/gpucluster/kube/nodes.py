@@ -27,6 +27,8 @@ ANNOTATION_DRAINING = f"{names.GROUP}/draining"
 ANNOTATION_ADOPTED_LABELS = f"{names.GROUP}/adopted-labels"
 ANNOTATION_ADOPTED_TAINTS = f"{names.GROUP}/adopted-taints"
 LABEL_ORDINAL = f"{names.GROUP}/ordinal"
+ANNOTATION_QUARANTINE = f"{names.GROUP}/quarantine"
+QUARANTINE_TAINT = {"key": names.TAINT_GPU_ERROR, "value": "true", "effect": "NoSchedule"}
 
 
 @dataclass(frozen=True)
@@ -198,4 +200,22 @@ async def release_node(name: str) -> None:
                      "annotations": dict.fromkeys(
                          (ANNOTATION_ADOPTED_LABELS, ANNOTATION_ADOPTED_TAINTS, ANNOTATION_DRAINING))},
         "spec": {"taints": kept_taints or None, "unschedulable": None},
+    })
+
+
+async def quarantine_node(name: str, reason: str, fatal: bool, since: str) -> None:
+    """Cordons the node and taints it nvidia.com/gpu-error, noting why."""
+    taints = [t for t in await _taints(name) if t["key"] != names.TAINT_GPU_ERROR]
+    await patch_node(name, {
+        "metadata": {"annotations": {ANNOTATION_QUARANTINE: json.dumps(
+            {"reason": reason, "fatal": fatal, "since": since})}},
+        "spec": {"unschedulable": True, "taints": [*taints, QUARANTINE_TAINT]},
+    })
+
+
+async def release_quarantine(name: str) -> None:
+    taints = [t for t in await _taints(name) if t["key"] != names.TAINT_GPU_ERROR]
+    await patch_node(name, {
+        "metadata": {"annotations": {ANNOTATION_QUARANTINE: None}},
+        "spec": {"unschedulable": None, "taints": taints or None},
     })

@@ -49,6 +49,8 @@ class ObservedNode:
     gpus: int = 8
     block: str = ""
     rack: str = ""
+    gpu_fault: str = ""
+    quarantined: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class PoolCounts:
     desired_gpus: int
     ready_gpus: int
     healthy_gpus: int
+    quarantined_nodes: int
 
 
 def count_pool(shape: PoolShape, owned: Sequence[ObservedNode]) -> PoolCounts:
@@ -209,4 +212,5 @@ def count_pool(shape: PoolShape, owned: Sequence[ObservedNode]) -> PoolCounts:
         desired_gpus=shape.desired_nodes * shape.gpus_per_node,
         ready_gpus=sum(n.gpus for n in ready),
         healthy_gpus=sum(n.gpus for n in healthy),
+        quarantined_nodes=sum(1 for n in owned if n.quarantined),
     )
