@@ -156,11 +156,11 @@ def main() -> int:
     kubectl("apply", "-f", str(REPO / "crds"))
     kubectl("wait", "--for=condition=Established", "crd", "--all")
 
-    log = tempfile.NamedTemporaryFile(prefix="gpucluster-bench-operator-", suffix=".log", delete=False)
-    operator = subprocess.Popen([sys.executable, "-m", "gpucluster.cli", "run", "--metrics-port", "0",
-                                 "--liveness-port", "0"], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "KUBECONFIG": kubeconfig,
-                                     "PYTHONPATH": str(REPO / "operator")})
+    with tempfile.NamedTemporaryFile(prefix="gpucluster-bench-operator-", suffix=".log", delete=False) as log:
+        operator = subprocess.Popen([sys.executable, "-m", "gpucluster.cli", "run", "--metrics-port", "0",
+                                     "--liveness-port", "0"], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "KUBECONFIG": kubeconfig,
+                                         "PYTHONPATH": str(REPO / "operator")})
     try:
         time.sleep(3)
         print(f"{'nodes':>7} {'raw s':>8} {'raw nodes/s':>12} {'operator s':>11} "
