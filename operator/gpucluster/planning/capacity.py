@@ -24,8 +24,9 @@ Two bases of capacity:
   so large holes stay whole for large gangs.
 - `drained`: what a node could take once every running gang has ended (its
   allocatable), used to reserve nodes for a blocked head of the queue.
-  Preference is the GPUs still busy: among equal slots the reservation goes
-  where the head will wait for the fewest GPUs to drain.
+  Preference is a drain cost per node that the caller supplies (how long the
+  head would wait for the node): among equal slots the reservation goes
+  where the head will wait the least.
 """
 
 from __future__ import annotations
@@ -135,13 +136,19 @@ class CapacityIndex:
 
     `used` is GPUs already held per node name; it may exceed a node's
     allocatable (a GPU failed under a running gang), which leaves it no
-    free capacity rather than a negative one.
+    free capacity rather than a negative one. `drain_cost` (node name ->
+    cost, 0 if absent) ranks nodes on the drained basis only.
     """
 
     def __init__(
-        self, nodes: Iterable[NodeSnapshot], used: Mapping[str, int], basis: Basis = "free"
+        self,
+        nodes: Iterable[NodeSnapshot],
+        used: Mapping[str, int],
+        basis: Basis = "free",
+        drain_cost: Mapping[str, int] | None = None,
     ) -> None:
         self.basis: Basis = basis
+        self._drain_cost: Mapping[str, int] = drain_cost or {}
         ordered = sorted(nodes, key=lambda node: (node.block, node.rack, node.name))
         max_capacity = max((node.allocatable_gpus for node in ordered), default=0)
         self.nodes: list[IndexedNode] = []
@@ -173,13 +180,14 @@ class CapacityIndex:
             rack.node_keys.sort()
         self.node_keys.sort()
 
-    def drained(self, masked: Iterable[str] = ()) -> CapacityIndex:
-        """A drained-basis copy: every node at its allocatable, ranked by the
-        GPUs still busy on it now; `masked` nodes offer nothing."""
+    def drained(self, drain_cost: Mapping[str, int], masked: Iterable[str] = ()) -> CapacityIndex:
+        """A drained-basis copy of these nodes: every node at its
+        allocatable, ranked by `drain_cost`; `masked` nodes offer nothing."""
         copy = CapacityIndex(
             (node.snapshot for node in self.nodes),
             {node.name: node.used for node in self.nodes},
             basis="drained",
+            drain_cost=drain_cost,
         )
         copy.mask(masked)
         return copy
@@ -229,8 +237,7 @@ class CapacityIndex:
         if self.basis == "free":
             free = 0 if node.masks else max(0, allocatable - node.used)
             return free, free
-        busy = min(allocatable, max(0, node.used))
-        return (0 if node.masks else allocatable), busy
+        return (0 if node.masks else allocatable), self._drain_cost.get(node.name, 0)
 
     def _change(self, node: IndexedNode, used_change: int = 0, mask_change: int = 0) -> None:
         old_capacity, old_preference = self._measure(node)

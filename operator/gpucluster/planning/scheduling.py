@@ -20,8 +20,12 @@ Head and reservation. The first job of a pool that does not fit is the
   victims' pods are gone: their GPUs are still held in this cycle, so no GPU
   is ever promised twice.
 - Otherwise it is its placement on the drained pool (every schedulable node
-  at its allocatable, ranked so the fewest GPUs are still busy): the nodes
-  the head waits on to empty.
+  at its allocatable): the nodes the head waits on to empty, chosen where
+  the fewest running gangs must end first. Each gang counts once, spread
+  evenly over its nodes (`drain_cost`): the more independent gangs must
+  end, the later the last of them does, while the nodes of one large gang
+  free together. (On the benchmark's simulated trace, ranking by busy GPUs
+  instead left twice as many GPUs idle in reservations.)
 
 Backfill. Every job after the head may be admitted now on free GPUs outside
 the reservation, never on it. So whatever is backfilled, the head fits on
@@ -67,6 +71,10 @@ __all__ = [
     "plan_admissions",
     "queue_order",
 ]
+
+# The drain cost of one running gang, shared among its nodes: large enough
+# that the share of a gang on thousands of nodes stays above zero.
+GANG_DRAIN_COST = 1 << 20
 
 # What one decision did with a job:
 # admitted / backfilled: placed now (backfilled: behind a waiting head);
@@ -135,9 +143,18 @@ class _PoolQueue:
         self.inventory = PoolInventory(pool, nodes)
         self.index = CapacityIndex((node for node in nodes if node.schedulable), used)
         self.gangs = gangs
+        self.drain_cost: dict[str, int] = defaultdict(int)
+        for gang in gangs:
+            if not gang.evicting:  # on its way out already: nothing to wait for
+                self.add_drain_cost(gang.gpus_by_node)
         self.head: PendingJob | None = None
         self.last_queue_key: tuple[int, float, str] | None = None
         self.waiting: list[str] = []
+
+    def add_drain_cost(self, gpus_by_node: Mapping[str, int]) -> None:
+        """Count a gang as one more to wait for, spread over its nodes."""
+        for name in gpus_by_node:
+            self.drain_cost[name] += GANG_DRAIN_COST // len(gpus_by_node)
 
 
 class AdmissionCycle:
@@ -206,7 +223,9 @@ class AdmissionCycle:
     def _admit_or_hold(self, pool: _PoolQueue, job: PendingJob) -> Decision:
         placement = place(pool.index, job)
         if placement is not None:
-            pool.index.take(_gpus_by_node(placement, job.gpus_per_worker))
+            gpus_by_node = _gpus_by_node(placement, job.gpus_per_worker)
+            pool.index.take(gpus_by_node)
+            pool.add_drain_cost(gpus_by_node)
             self._admissions[job.key] = _ranks(placement)
             return "admitted" if pool.head is None else "backfilled"
         pool.waiting.append(job.key)
@@ -219,7 +238,8 @@ class AdmissionCycle:
         decision: Decision
         victims = select_victims(pool.index, head, pool.gangs, self._now)
         if victims is None:
-            placement = place(pool.index.drained(masked=head.excluded_nodes), head)
+            drained = pool.index.drained(pool.drain_cost, masked=head.excluded_nodes)
+            placement = place(drained, head)
             if placement is None:
                 return "waiting"
             decision = "reserved"
