@@ -233,9 +233,22 @@ CASES = [
         "a small job backfills beside the head's reservation",
         running=[gang("x", whole("b0r0n0", "b0r0n1", "b0r1n0", "b1r0n0", "b1r0n1"))],
         pending=[job("head", 4, 8, arrival=0), job("small", 1, 8, arrival=1)],
-        # Drained, both blocks hold the head; b1 has fewer GPUs still busy.
+        # Drained, both blocks hold the head; x has fewer nodes to leave in b1.
         reserved={"head": ("b1r0n0", "b1r0n1", "b1r1n0", "b1r1n1")},
         admitted={"small": ("b0r1n1",)},
+        positions={"head": 1},
+    ),
+    Case(
+        "the reservation waits for one large gang rather than many small ones",
+        nodes=cluster(2, 1, 2),
+        running=[
+            gang("large", whole("b0r0n0", "b0r0n1")),
+            gang("small-1", {"b1r0n0": 1}),
+            gang("small-2", {"b1r0n1": 1}),
+        ],
+        pending=[job("head", 2, 8), job("fill", 1, 4, arrival=1)],
+        reserved={"head": ("b0r0n0", "b0r0n1")},
+        admitted={"fill": ("b1r0n0",)},
         positions={"head": 1},
     ),
     Case(
