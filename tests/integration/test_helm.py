@@ -1,0 +1,194 @@
+"""The Helm chart on a real API server: `helm install` into the session
+cluster, the chart's ServiceAccount allowed exactly what the operator does
+(asked of the API server's authorizer by impersonation), and the operator
+run as that ServiceAccount reconciling a TrainingCluster and a TrainingJob.
+
+The release installs with operator.replicas=0: its pods could only run on
+KWOK nodes, where nothing runs, and a real operator Deployment would fight
+the test's own operator. The test runs `gpucluster run` itself, with the
+ServiceAccount's token, as the Deployment's pods would. The agent DaemonSet
+gets a node selector no node has, so it creates no pods on the KWOK GPU
+nodes other tests use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from gpucluster import devcluster
+
+from ..packaging.operator_api import AGENT, MUST_NOT, Permission, operator_permissions
+from .harness import REPO_ROOT, Kubectl, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+RUN = uuid.uuid4().hex[:5]
+RELEASE = f"gc-{RUN}"
+NAMESPACE = f"gpucluster-helm-{RUN}"
+PEERING = f"gpucluster-{RUN}"
+CHART = REPO_ROOT / "helm" / "gpucluster"
+OPERATOR_SA = f"{RELEASE}-gpucluster-operator"
+AGENT_SA = f"{RELEASE}-gpucluster-agent"
+TEST_VALUES = {
+    "operator": {"replicas": 0, "peering": PEERING},
+    "agent": {"nodeSelector": {"gpucluster.dev/helm-test": "no-such-node"}},
+}
+
+
+class Helm:
+    def __init__(self, bin_dir: str, kubeconfig: str) -> None:
+        self.binary = str(Path(bin_dir) / "helm")
+        self.kubeconfig = kubeconfig
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run([self.binary, f"--kubeconfig={self.kubeconfig}", *args],
+                                capture_output=True, text=True, timeout=180)
+        if result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+
+@pytest.fixture(scope="module")
+def helm(cluster: devcluster.ClusterState, kubeconfig: str) -> Helm:
+    return Helm(cluster.bin_dir, kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def release(helm: Helm, kubectl: Kubectl, crds: None, tmp_path_factory: pytest.TempPathFactory,
+            ) -> Iterator[str]:
+    values = tmp_path_factory.mktemp("helm") / "values.yaml"
+    values.write_text(yaml.safe_dump(TEST_VALUES))
+    helm.run("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
+             f"--values={values}", "--wait", "--timeout=90s")
+    try:
+        yield RELEASE
+    finally:
+        helm.run("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout=60s")
+        kubectl.run("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def test_install_creates_the_charts_objects(release: str, kubectl: Kubectl) -> None:
+    deployment = kubectl.get("deployment", "-n", NAMESPACE, f"{RELEASE}-gpucluster-operator")
+    assert deployment["spec"]["replicas"] == 0
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == OPERATOR_SA
+    agent = kubectl.get("daemonset", "-n", NAMESPACE, f"{RELEASE}-gpucluster-agent")
+    assert agent["status"]["desiredNumberScheduled"] == 0
+    # The API server accepted the peering CRDs from the chart's crds/ and the
+    # peering object the replicas would share.
+    for crd in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+        kubectl.run("wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd}")
+    assert kubectl.get("clusterkopfpeering", PEERING)["metadata"]["name"] == PEERING
+    dashboards = kubectl.get("configmap", "-n", NAMESPACE, "-l", "grafana_dashboard=1")["items"]
+    assert [c["metadata"]["name"] for c in dashboards] == [f"{RELEASE}-gpucluster-dashboard"]
+    json.loads(dashboards[0]["data"]["gpucluster-dashboard.json"])
+    services = kubectl.get("services", "-n", NAMESPACE)["items"]
+    assert {s["metadata"]["labels"]["app.kubernetes.io/name"] for s in services} == {
+        "gpucluster-operator", "gpucluster-agent"}
+    # This cluster serves no monitoring.coreos.com/v1: the chart left those out.
+    assert "servicemonitors" not in kubectl.run("api-resources", "-o", "name").stdout
+
+
+def can_i(kubectl: Kubectl, service_account: str, verb: str, group: str, resource: str) -> bool:
+    kind, _, subresource = resource.partition("/")
+    target = f"{kind}.{group}" if group else kind
+    args = ["auth", "can-i", verb, target, "--all-namespaces",
+            f"--as=system:serviceaccount:{NAMESPACE}:{service_account}"]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    answer = kubectl.run(*args, check=False)
+    # can-i exits 0 for yes, 1 for no; anything else is an error to see.
+    assert answer.stdout.strip() in ("yes", "no"), answer.stderr
+    return answer.stdout.strip() == "yes"
+
+
+def test_service_accounts_are_allowed_what_they_do_and_nothing_dangerous(release: str, kubectl: Kubectl,
+                                                                         ) -> None:
+    needed = operator_permissions(peering=True)
+    refused = sorted(str(p) for p in needed if not can_i(kubectl, OPERATOR_SA, p.verb, p.group, p.resource))
+    assert refused == [], "the operator does these, its ServiceAccount may not"
+    allowed = [f"{verb} {resource}" for verb, resource, group in MUST_NOT
+               if can_i(kubectl, OPERATOR_SA, verb, group, resource)]
+    assert allowed == [], "the operator's ServiceAccount may do what it must not"
+
+    assert [str(p) for p in AGENT if not can_i(kubectl, AGENT_SA, p.verb, p.group, p.resource)] == []
+    agent_must_not = [Permission("", "nodes", "list"), Permission("", "nodes", "delete"),
+                      Permission("", "pods", "create"), Permission("", "secrets", "get")]
+    assert [str(p) for p in agent_must_not if can_i(kubectl, AGENT_SA, p.verb, p.group, p.resource)] == []
+
+
+def service_account_kubeconfig(kubectl: Kubectl, path: Path) -> str:
+    """A kubeconfig that authenticates as the operator's ServiceAccount, with
+    a token the API server issues for it, as a pod of the Deployment gets."""
+    token = kubectl.run("create", "token", OPERATOR_SA, "-n", NAMESPACE, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(Path(kubectl.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": OPERATOR_SA}}],
+        "current-context": "operator",
+    }))
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture()
+def operator_as_service_account(release: str, kubectl: Kubectl, operator: OperatorProcess,
+                                tmp_path: Path) -> Iterator[OperatorProcess]:
+    """`gpucluster run --peering` with the ServiceAccount's token, the only
+    operator running meanwhile (the session's is stopped and started again)."""
+    kubeconfig = service_account_kubeconfig(kubectl, tmp_path / "operator-sa.kubeconfig")
+    session_was_running = operator.proc is not None and operator.proc.poll() is None
+    operator.stop()
+    proc = OperatorProcess(kubeconfig, tmp_path, extra_args=("--peering", PEERING))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        if session_was_running:
+            operator.start()
+
+
+def condition(obj: dict[str, Any], kind: str) -> str | None:
+    return next((c["status"] for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind), None)
+
+
+def test_operator_runs_as_its_service_account(operator_as_service_account: OperatorProcess,
+                                              kubectl: Kubectl) -> None:
+    proc = operator_as_service_account
+    # Mandatory peering: nothing happens until the operator has found the
+    # chart's peering object and written its keep-alive there.
+    wait_for(lambda: (kubectl.get("clusterkopfpeering", PEERING).get("status") or {}), timeout=30,
+             what=f"the operator's keep-alive in ClusterKopfPeering {PEERING}; log: {proc.log_path}")
+
+    name = f"helm-{RUN}"
+    kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingCluster", "metadata": {"name": name},
+                   "spec": {"pools": [{"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": 2,
+                                       "topology": {"nodesPerRack": 2, "racksPerBlock": 1}}]}})
+    try:
+        wait_for(lambda: condition(kubectl.get("tc", name), "Ready") == "True", timeout=60,
+                 what=f"{name} Ready; operator log: {proc.log_path}")
+        job = f"{name}-job"
+        kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingJob",
+                       "metadata": {"name": job, "namespace": "default"},
+                       "spec": {"cluster": name, "pool": "h100", "workers": 2, "gpusPerWorker": 8,
+                                "template": {"spec": {"containers": [{"name": "trainer", "image": "pytorch"}]}}}})
+        wait_for(lambda: (kubectl.get("tj", "-n", "default", job).get("status") or {}).get("phase") == "Running",
+                 timeout=45, what=f"{job} Running; operator log: {proc.log_path}")
+        kubectl.run("delete", "tj", "-n", "default", job, "--timeout=60s")
+    finally:
+        kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
+    assert kubectl.get("nodes", "-l", f"gpucluster.dev/cluster={name}")["items"] == []
+    log = proc.log_path.read_text()
+    # Every request the operator made was allowed: the client's exceptions
+    # say Forbidden, and Kopf says "Not enough permissions" when it falls back.
+    for refusal in ("Forbidden", "Not enough permissions"):
+        assert refusal not in log, f"{refusal} in {proc.log_path}"
