@@ -73,7 +73,7 @@ def release(helm: Helm, kubectl: Kubectl, crds: None, tmp_path_factory: pytest.T
         kubectl.run("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
-def test_install_creates_the_charts_objects(release: str, kubectl: Kubectl) -> None:
+def test_install_creates_the_charts_objects(release: str, helm: Helm, kubectl: Kubectl) -> None:
     deployment = kubectl.get("deployment", "-n", NAMESPACE, f"{RELEASE}-gpucluster-operator")
     assert deployment["spec"]["replicas"] == 0
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == OPERATOR_SA
@@ -90,8 +90,44 @@ def test_install_creates_the_charts_objects(release: str, kubectl: Kubectl) -> N
     services = kubectl.get("services", "-n", NAMESPACE)["items"]
     assert {s["metadata"]["labels"]["app.kubernetes.io/name"] for s in services} == {
         "gpucluster-operator", "gpucluster-agent"}
-    # This cluster serves no monitoring.coreos.com/v1: the chart left those out.
-    assert "servicemonitors" not in kubectl.run("api-resources", "-o", "name").stdout
+    # The session cluster serves no monitoring.coreos.com/v1: the chart left
+    # those kinds out (an install with them would have failed).
+    if "monitoring.coreos.com" not in kubectl.run("api-versions").stdout:
+        manifest = helm.run("get", "manifest", RELEASE, "--namespace", NAMESPACE)
+        assert "kind: ServiceMonitor" not in manifest and "kind: PrometheusRule" not in manifest
+
+
+def minimal_crd(plural: str, kind: str) -> dict[str, Any]:
+    """Just enough of a prometheus-operator CRD for the API server to serve
+    monitoring.coreos.com/v1 (its schema is not what is tested here)."""
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+            "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                     "names": {"plural": plural, "kind": kind},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+
+
+def test_monitoring_objects_once_the_prometheus_operator_api_is_served(release: str, helm: Helm,
+                                                                       kubectl: Kubectl) -> None:
+    crds = [minimal_crd("servicemonitors", "ServiceMonitor"), minimal_crd("prometheusrules", "PrometheusRule")]
+    for crd in crds:
+        kubectl.apply(crd)
+    try:
+        kubectl.run("wait", "--for=condition=Established", "--timeout=30s",
+                    *(f"crd/{c['metadata']['name']}" for c in crds))
+        # Helm reads the API server's discovery at each upgrade: now the
+        # chart's Capabilities check lets the monitoring objects through.
+        helm.run("upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, "--reuse-values", "--wait")
+        monitors = kubectl.get("servicemonitors.monitoring.coreos.com", "-n", NAMESPACE)["items"]
+        assert sorted(m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for m in monitors) == [
+            "gpucluster-agent", "gpucluster-operator"]
+        rule = kubectl.get("prometheusrules.monitoring.coreos.com", "-n", NAMESPACE, f"{RELEASE}-gpucluster")
+        assert rule["spec"] == yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "rules.yaml").read_text())
+    finally:
+        helm.run("upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, "--reuse-values", "--wait",
+                 "--set=metrics.serviceMonitor.enabled=false", "--set=prometheusRule.enabled=false")
+        kubectl.run("delete", "--wait=false", *(f"crd/{c['metadata']['name']}" for c in crds), check=False)
 
 
 def can_i(kubectl: Kubectl, service_account: str, verb: str, group: str, resource: str) -> bool:
