@@ -46,17 +46,6 @@ OPERATOR_JOB = "gpucluster-operator"
 AGENT_JOB = "gpucluster-agent"
 SCRAPE_INTERVAL = "1s"
 
-# Runs the agent's own parser, so the fixture does not depend on the main CLI
-# having wired `gpucluster agent` in (agent/cli.py documents that it will).
-_AGENT_MAIN = (
-    "import argparse, sys\n"
-    "from gpucluster.agent.cli import add_agent_parser\n"
-    "parser = argparse.ArgumentParser(prog='gpucluster')\n"
-    "add_agent_parser(parser.add_subparsers(dest='command', required=True))\n"
-    "args = parser.parse_args(sys.argv[1:])\n"
-    "sys.exit(args.func(args))\n"
-)
-
 
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
@@ -193,7 +182,7 @@ def start_agent_fleet(kubeconfig: str, node_selector: str, metrics_port: int, lo
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", _AGENT_MAIN, "agent", "--fleet", "--kubeconfig", kubeconfig,
+            [sys.executable, "-m", "gpucluster.cli", "agent", "--fleet", "--kubeconfig", kubeconfig,
              "--node-selector", node_selector, "--metrics-port", str(metrics_port),
              "--interval", "1", "--writers", "2"],
             stdout=log, stderr=subprocess.STDOUT, env=env)
