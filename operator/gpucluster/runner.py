@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -53,6 +54,11 @@ def add_parser(subparsers: Any) -> None:
                      help="liveness probe port serving /healthz (default: %(default)s)")
     run.add_argument("--peering", default=None,
                      help="Kopf peering name: replicas sharing it elect one active operator")
+    run.add_argument("--priority", type=int, default=None,
+                     help="Kopf peering priority: the highest of the replicas alive is active, the "
+                          "others wait. Default: the start time in milliseconds, so the newest replica "
+                          "leads (a rolling update hands over to the new version) and replicas never tie "
+                          "(Kopf pauses every replica of a tie)")
     run.set_defaults(func=run_operator)
 
 
@@ -70,5 +76,6 @@ def run_operator(args: argparse.Namespace) -> int:
         liveness_endpoint=liveness,
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=args.priority if args.priority is not None else time.time_ns() // 1_000_000,
     ))
     return 0
