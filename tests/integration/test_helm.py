@@ -176,19 +176,29 @@ def service_account_kubeconfig(kubectl: Kubectl, path: Path) -> str:
 
 
 @pytest.fixture()
-def operator_as_service_account(release: str, kubectl: Kubectl, operator: OperatorProcess,
-                                tmp_path: Path) -> Iterator[OperatorProcess]:
-    """`gpucluster run --peering` with the ServiceAccount's token, the only
-    operator running meanwhile (the session's is stopped and started again)."""
+def replicas_as_service_account(release: str, kubectl: Kubectl, operator: OperatorProcess,
+                                tmp_path: Path) -> Iterator[tuple[OperatorProcess, OperatorProcess]]:
+    """Two `gpucluster run --peering` replicas with the ServiceAccount's token,
+    as the chart's Deployment runs them, started a moment apart; the only
+    operators running meanwhile (the session's is stopped and started again)."""
     kubeconfig = service_account_kubeconfig(kubectl, tmp_path / "operator-sa.kubeconfig")
     session_was_running = operator.proc is not None and operator.proc.poll() is None
     operator.stop()
-    proc = OperatorProcess(kubeconfig, tmp_path, extra_args=("--peering", PEERING))
-    proc.start()
+    older = OperatorProcess(kubeconfig, tmp_path / "older", extra_args=("--peering", PEERING))
+    newer = OperatorProcess(kubeconfig, tmp_path / "newer", extra_args=("--peering", PEERING))
+    for proc in (older, newer):
+        proc.log_dir.mkdir()
     try:
-        yield proc
+        older.start()
+        # Mandatory peering: nothing happens until the operator has found the
+        # chart's peering object and written its keep-alive there.
+        wait_for(lambda: len(kubectl.get("clusterkopfpeering", PEERING).get("status") or {}) == 1, timeout=30,
+                 what=f"the first replica's keep-alive in ClusterKopfPeering {PEERING}; log: {older.log_path}")
+        newer.start()
+        yield older, newer
     finally:
-        proc.stop()
+        newer.stop()
+        older.stop()
         if session_was_running:
             operator.start()
 
@@ -197,34 +207,38 @@ def condition(obj: dict[str, Any], kind: str) -> str | None:
     return next((c["status"] for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind), None)
 
 
-def test_operator_runs_as_its_service_account(operator_as_service_account: OperatorProcess,
-                                              kubectl: Kubectl) -> None:
-    proc = operator_as_service_account
-    # Mandatory peering: nothing happens until the operator has found the
-    # chart's peering object and written its keep-alive there.
-    wait_for(lambda: (kubectl.get("clusterkopfpeering", PEERING).get("status") or {}), timeout=30,
-             what=f"the operator's keep-alive in ClusterKopfPeering {PEERING}; log: {proc.log_path}")
-
+def test_two_replicas_as_the_service_account_one_active(
+        replicas_as_service_account: tuple[OperatorProcess, OperatorProcess], kubectl: Kubectl) -> None:
+    older, newer = replicas_as_service_account
+    # The newer replica leads (runner's default priority is the start time);
+    # the older one pauses rather than both freezing, as Kopf does on a tie.
+    wait_for(lambda: "Pausing operations in favour of" in older.log_path.read_text(), timeout=30,
+             what=f"the older replica to stand by; log: {older.log_path}")
     name = f"helm-{RUN}"
     kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingCluster", "metadata": {"name": name},
                    "spec": {"pools": [{"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": 2,
                                        "topology": {"nodesPerRack": 2, "racksPerBlock": 1}}]}})
     try:
         wait_for(lambda: condition(kubectl.get("tc", name), "Ready") == "True", timeout=60,
-                 what=f"{name} Ready; operator log: {proc.log_path}")
+                 what=f"{name} Ready; operator log: {newer.log_path}")
         job = f"{name}-job"
         kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingJob",
                        "metadata": {"name": job, "namespace": "default"},
                        "spec": {"cluster": name, "pool": "h100", "workers": 2, "gpusPerWorker": 8,
                                 "template": {"spec": {"containers": [{"name": "trainer", "image": "pytorch"}]}}}})
         wait_for(lambda: (kubectl.get("tj", "-n", "default", job).get("status") or {}).get("phase") == "Running",
-                 timeout=45, what=f"{job} Running; operator log: {proc.log_path}")
+                 timeout=45, what=f"{job} Running; operator log: {newer.log_path}")
         kubectl.run("delete", "tj", "-n", "default", job, "--timeout=60s")
     finally:
         kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
     assert kubectl.get("nodes", "-l", f"gpucluster.dev/cluster={name}")["items"] == []
-    log = proc.log_path.read_text()
-    # Every request the operator made was allowed: the client's exceptions
-    # say Forbidden, and Kopf says "Not enough permissions" when it falls back.
-    for refusal in ("Forbidden", "Not enough permissions"):
-        assert refusal not in log, f"{refusal} in {proc.log_path}"
+    assert "Pausing" not in newer.log_path.read_text()
+    # The standby did not touch the cluster.
+    assert name not in older.log_path.read_text()
+    for replica in (older, newer):
+        log = replica.log_path.read_text()
+        assert "conflicting operators" not in log, replica.log_path
+        # Every request was allowed: the client's exceptions say Forbidden,
+        # and Kopf says "Not enough permissions" when it falls back.
+        for refusal in ("Forbidden", "Not enough permissions"):
+            assert refusal not in log, f"{refusal} in {replica.log_path}"
