@@ -77,13 +77,15 @@ class NodePool(CamelModel):
             "x-kubernetes-validations": [
                 {
                     "rule": "self.provider != 'static' || has(self.nodeSelector)",
-                    "message": "nodeSelector is required when provider is static: it selects the existing nodes to adopt",
+                    "message": "nodeSelector is required when provider is static: "
+                               "it selects the existing nodes to adopt",
                     "fieldPath": ".nodeSelector",
                     "reason": "FieldValueRequired",
                 },
                 {
                     "rule": "self.provider != 'kwok' || !has(self.nodeSelector)",
-                    "message": "nodeSelector is only for provider static: a kwok pool creates its own nodes; remove nodeSelector or set provider: static",
+                    "message": "nodeSelector is only for provider static: a kwok pool creates its own nodes; "
+                               "remove nodeSelector or set provider: static",
                     "fieldPath": ".nodeSelector",
                     "reason": "FieldValueForbidden",
                 },

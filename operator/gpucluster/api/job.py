@@ -118,16 +118,20 @@ class TrainingJobStatus(CamelModel):
     observedGeneration: int = Field(default=0, description="The generation last acted on.")
     pool: str = Field(default="", description="The pool the job runs on.")
     priority: int = Field(default=0, description="The effective priority, from spec.priority or the PriorityClass.")
-    queuePosition: int = Field(default=0, description="Position among the pool's waiting jobs (1 is next); 0 when not waiting.")
+    queuePosition: int = Field(default=0,
+        description="Position among the pool's waiting jobs (1 is next); 0 when not waiting.")
     attempt: int = Field(default=0, description="The current gang attempt; pods carry it in their names.")
     restarts: int = Field(default=0, description="Gang restarts so far.")
     nodes: list[str] = Field(default_factory=list, description="Node of each rank, rank 0 first.")
-    excludedNodes: list[str] = Field(default_factory=list, description="Nodes a restart avoids: where a worker or node failed.")
+    excludedNodes: list[str] = Field(default_factory=list,
+        description="Nodes a restart avoids: where a worker or node failed.")
     workersReady: str = Field(default="", description="Running/total workers, e.g. 4/4.")
     gpus: int = Field(default=0, description="GPUs the job holds.")
-    queuedAt: str = Field(default="", description="When the current attempt began waiting (after a restart or preemption).")
+    queuedAt: str = Field(default="",
+        description="When the current attempt began waiting (after a restart or preemption).")
     admittedAt: str = Field(default="", description="When the current attempt was admitted (RFC 3339).")
-    firstAdmittedAt: str = Field(default="", description="When the job was first admitted; the run time limit counts from it.")
+    firstAdmittedAt: str = Field(default="",
+        description="When the job was first admitted; the run time limit counts from it.")
     completedAt: str = Field(default="", description="When the job Succeeded or Failed.")
     conditions: list[Condition] = Field(default_factory=list, description="Admitted, Running and Finished.")
 

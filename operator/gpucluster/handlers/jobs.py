@@ -82,6 +82,7 @@ def job_view(namespace: str, name: str, uid: str, meta: Any, spec: Any, status: 
         deadline_seconds=spec.get("activeDeadlineSeconds"),
         queue_position=int(status.get("queuePosition", 0)),
         workers_ready=status.get("workersReady", ""),
+        reason=status.get("reason", ""),
     )
 
 
@@ -357,8 +358,19 @@ async def admission_loop(*, name: str, spec: Any, jobs_by_cluster: kopf.Index[st
                   message=f"evicting {preemption.victim} to make room")
     for key, placement in plan.admissions.items():
         await _admit(by_key[key], placement, now)
+    desired = {p["name"]: int(p["nodes"]) for p in spec.get("pools", [])}
+    present: dict[str, int] = {}
+    for node in nodes:
+        present[node.pool] = present.get(node.pool, 0) + 1
     for key, why in plan.unschedulable.items():
         view = by_key[key]
+        if present.get(view.pool, 0) < desired.get(view.pool, 0):
+            # The pool is still growing: "never fits" is not final until it is whole.
+            message = f"waiting for pool {view.pool} to reach its size: {why}"
+            if view.reason != "WaitingForNodes":
+                await kube_jobs.patch_status(view.namespace, view.name, {"reason": "WaitingForNodes",
+                                                                         "message": message})
+            continue
         kopf.warn(_reference(view), reason="Unschedulable", message=why)
         await kube_jobs.patch_status(view.namespace, view.name, {
             "phase": Phase.FAILED, "reason": "Unschedulable", "message": why,

@@ -65,6 +65,7 @@ class JobView:
     uid: str = ""
     queue_position: int = 0
     workers_ready: str = ""
+    reason: str = ""
 
     @property
     def gpus(self) -> int:
