@@ -64,15 +64,16 @@ def add_parser(subparsers: Any) -> None:
 
 def run_operator(args: argparse.Namespace) -> int:
     # Imported for their decorators: this registers every handler and index.
-    from gpucluster import handlers  # noqa: F401
+    from gpucluster import handlers
+
+    handlers.jobs.served_namespaces[:] = args.namespace
 
     kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(kopf.operator(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
+        clusterwide=True,
         liveness_endpoint=liveness,
         standalone=args.peering is None,
         peering_name=args.peering,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -48,6 +49,16 @@ CYCLE_INTERVAL_S = 1.0
 FIXABLE_REASONS = frozenset({"UnknownCluster", "UnknownPool", "UnknownGPU", "GPUMismatch",
                              "TooManyGPUsPerWorker", "LargerThanPool", "TopologyNeverFits",
                              "UnknownPriorityClass", "Unschedulable"})
+
+# `gpucluster run -n GLOB ...`: TrainingJobs are served only in matching
+# namespaces (empty: all). The operator still watches cluster-wide, since
+# TrainingClusters and Nodes are cluster-scoped.
+served_namespaces: list[str] = []
+
+
+def in_served_namespace(namespace: str | None, **_: Any) -> bool:
+    return not served_namespaces or any(fnmatch.fnmatchcase(namespace or "", glob) for glob in served_namespaces)
+
 
 # Decisions applied but not yet seen in the index (its watch lags the
 # writes by a moment): the next cycle trusts these instead. Kueue calls them
@@ -86,7 +97,7 @@ def job_view(namespace: str, name: str, uid: str, meta: Any, spec: Any, status: 
     )
 
 
-@kopf.index(names.GROUP, names.VERSION, api.PLURAL)
+@kopf.index(names.GROUP, names.VERSION, api.PLURAL, when=in_served_namespace)
 def jobs_by_cluster(*, namespace: str | None, name: str, uid: str, meta: Any, spec: Any, status: Any,
                     **_: Any) -> dict[str, JobView] | None:
     view = job_view(namespace or "", name, uid, meta, spec, status)
@@ -175,9 +186,9 @@ async def _check(spec: Any) -> tuple[PoolFacts, int] | Problem:
     return chosen, int(priority or 0)
 
 
-@kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL)
-@kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
-@kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")
+@kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL, when=in_served_namespace)
+@kopf.on.create(names.GROUP, names.VERSION, api.PLURAL, when=in_served_namespace)
+@kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec", when=in_served_namespace)
 async def job_submitted(*, name: str, namespace: str | None, body: Any, spec: Any, status: Any, meta: Any,
                         reason: str, **_: Any) -> None:
     assert namespace is not None, "TrainingJob is namespaced"
