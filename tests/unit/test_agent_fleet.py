@@ -145,6 +145,50 @@ def test_unrelated_node_events_cost_no_write() -> None:
         assert world.settle() == 0
 
 
+def test_the_stale_echo_of_its_own_first_patch_costs_no_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World(kwok_node("n0"))
+    seen_after_annotations = []
+    patch_annotations = world.api.patch_annotations
+
+    def recording(name: str, changes: dict[str, str | None]) -> str:
+        version = patch_annotations(name, changes)
+        seen_after_annotations.append(world.api.get(name))
+        return version
+
+    monkeypatch.setattr(world.api, "patch_annotations", recording)
+    world.fleet.evaluate()
+    world.fleet.write_next(timeout=0)
+    assert len(world.api.writes) == 2
+    # The watch now delivers the node as it was between the two patches:
+    # annotations written, condition not yet. The fleet knows better.
+    (between,) = seen_after_annotations
+    assert gpu_condition_of(between) is None
+    world.fleet.observe("MODIFIED", between)
+    assert world.fleet.evaluate() == 0
+    world.fleet.observe("MODIFIED", world.api.get("n0"))
+    assert world.fleet.evaluate() == 0
+
+
+def test_a_node_being_written_is_not_queued_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(kwok_node("n0"))
+    patch_annotations = world.api.patch_annotations
+    queued_meanwhile = []
+
+    def echo_while_writing(name: str, changes: dict[str, str | None]) -> str:
+        version = patch_annotations(name, changes)
+        # The watch and the evaluation loop run while the writer still works.
+        world.fleet.observe("MODIFIED", world.api.get(name))
+        queued_meanwhile.append(world.fleet.evaluate())
+        return version
+
+    monkeypatch.setattr(world.api, "patch_annotations", echo_while_writing)
+    assert world.settle() == 2
+    assert queued_meanwhile == [0]
+    assert world.fleet.writes_done == 1
+
+
 def test_a_condition_removed_by_someone_else_is_written_again() -> None:
     world = World(kwok_node("n0"))
     world.settle()

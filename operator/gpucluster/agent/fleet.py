@@ -14,6 +14,9 @@ Built to stay cheap at thousands of nodes:
   already show their verdict writes nothing, and a KWOK heartbeat that leaves
   the condition alone costs no write;
 * nodes are kept as the few fields the fleet compares, not whole objects;
+* a watch event older than the fleet's own last write to a node (its two
+  patches arrive as two events, the first of them stale by the time it
+  lands) is dropped instead of undoing what the fleet knows it wrote;
 * writes go through a small pool of threads, one queued write per node at most.
 """
 
@@ -68,6 +71,7 @@ class _FleetNode:
     # The node as last seen or written: the annotations and the GPUHealthy
     # condition, shaped like a Node so nodestatus' helpers read it.
     observed: dict[str, Any] = field(default_factory=dict)
+    resource_version: str = ""  # of `observed`
     verdict: NodeVerdict | None = None
     verdict_version: int = -1
     retry_at: float = 0.0
@@ -129,10 +133,12 @@ class Fleet:
         self._dirty: set[str] = set()
         # Nodes whose verdict holds a transient XID, which ages out with time.
         self._timed: set[str] = set()
-        self._queued: set[str] = set()
+        # Nodes queued for a write or being written: one write per node at a
+        # time, or the echo of a write's first patch would queue a second.
+        self._pending: set[str] = set()
         self._writes: queue.Queue[str] = queue.Queue()
         self.changed = threading.Event()  # set when a node needs evaluating
-        self.writes_done = 0
+        self.writes_done = 0  # syncs that had to write
 
     # -- intake -----------------------------------------------------------
 
@@ -144,13 +150,17 @@ class Fleet:
             if profile is None:
                 self._forget(name)
                 return
+            version = str(node["metadata"].get("resourceVersion", ""))
             fleet_node = self._nodes.get(name)
+            if fleet_node is not None and _older(version, fleet_node.resource_version):
+                return
             if fleet_node is None or fleet_node.product != profile.name:
                 fleet_node = _FleetNode(name, profile.name,
                                         FakeGpuSet(profile, name, gpu_count(node), self._clock))
                 self._nodes[name] = fleet_node
             fleet_node.gpus.apply_annotation(injection_annotation(node))
             fleet_node.observed = _observed(node)
+            fleet_node.resource_version = version
             self._dirty.add(name)
         self.changed.set()
 
@@ -185,9 +195,11 @@ class Fleet:
                     self._dirty.add(name)  # a write failed lately: not yet
                     continue
                 self._judge(fleet_node, now)
-                if (fleet_node.verdict is not None and name not in self._queued
+                if name in self._pending:
+                    continue  # looked at again once its write is done
+                if (fleet_node.verdict is not None
                         and not node_matches(fleet_node.verdict, fleet_node.observed)):
-                    self._queued.add(name)
+                    self._pending.add(name)
                     self._writes.put(name)
                     queued += 1
         return queued
@@ -199,29 +211,40 @@ class Fleet:
             name = self._writes.get(timeout=timeout)
         except queue.Empty:
             return False
+        try:
+            self._write(name)
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+                # Whatever changed while it was written is looked at now.
+                self._dirty.add(name)
+            self.changed.set()
+        return True
+
+    def _write(self, name: str) -> None:
         with self._lock:
-            self._queued.discard(name)
             fleet_node = self._nodes.get(name)
             if fleet_node is None or fleet_node.verdict is None:
-                return True
+                return
             verdict, observed = fleet_node.verdict, fleet_node.observed
         try:
-            self._writer.sync(name, verdict, observed)
+            version = self._writer.sync(name, verdict, observed)
         except kubernetes.client.ApiException as err:
-            if err.status == 404:
-                return True  # deleted meanwhile; the watch will say so
-            self._retry_later(name, err)
-            return True
+            if err.status != 404:  # a deleted node: the watch will say so
+                self._retry_later(name, err)
+            return
         except Exception as err:
             self._retry_later(name, err)
-            return True
+            return
+        if version is None:
+            return
         with self._lock:
             self.writes_done += 1
-            if name in self._nodes:
-                # Until the watch shows the write, assume it landed as sent,
-                # so the next evaluation does not write it again.
-                self._nodes[name].observed = _as_written(verdict, observed, self._clock())
-        return True
+            fleet_node = self._nodes.get(name)
+            if fleet_node is not None:
+                # The node is now as written, whatever older events may still say.
+                fleet_node.observed = _as_written(verdict, observed, self._clock())
+                fleet_node.resource_version = version
 
     def snapshot(self) -> list[NodeGpus]:
         """The collector's source: every node's readings and verdict."""
@@ -268,6 +291,14 @@ class Fleet:
             if name in self._nodes:
                 self._nodes[name].retry_at = self._clock() + RETRY_AFTER_S
                 self._dirty.add(name)
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether one resourceVersion predates another. Kubernetes calls them
+    opaque, but etcd-backed API servers hand out increasing integers; where
+    they are not integers, no event counts as older (at worst, one redundant
+    write)."""
+    return version.isdigit() and than.isdigit() and int(version) < int(than)
 
 
 def _as_written(

@@ -33,13 +33,14 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 class NodeClient(Protocol):
-    """The Node calls the agent makes; KubeNodeClient talks to the API server."""
+    """The Node calls the agent makes; KubeNodeClient talks to the API server.
+    The patches return the Node's resourceVersion after them."""
 
     def get(self, name: str) -> dict[str, Any]: ...
 
-    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> None: ...
+    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str: ...
 
-    def patch_condition(self, name: str, condition: Mapping[str, str]) -> None: ...
+    def patch_condition(self, name: str, condition: Mapping[str, str]) -> str: ...
 
 
 def gpu_condition_of(node: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -100,20 +101,21 @@ class NodeStatusWriter:
         self._nodes = nodes
         self._clock = clock
 
-    def sync(self, name: str, verdict: NodeVerdict, node: Mapping[str, Any] | None = None) -> bool:
+    def sync(
+        self, name: str, verdict: NodeVerdict, node: Mapping[str, Any] | None = None
+    ) -> str | None:
         """Bring the node to the verdict; `node` is the node as last seen (read
-        when not given). Returns whether anything had to be written."""
+        when not given). Returns the node's resourceVersion after the writes,
+        None when nothing had to be written."""
         if node is None:
             node = self._nodes.get(name)
         annotations = (node.get("metadata") or {}).get("annotations") or {}
         changes = annotation_changes(verdict, annotations)
-        if changes:
-            self._nodes.patch_annotations(name, changes)
+        written = self._nodes.patch_annotations(name, changes) if changes else None
         previous = gpu_condition_of(node)
         if condition_matches(verdict, previous):
-            return bool(changes)
-        self._nodes.patch_condition(name, gpu_condition(verdict, previous, self._clock()))
-        return True
+            return written
+        return self._nodes.patch_condition(name, gpu_condition(verdict, previous, self._clock()))
 
 
 class KubeNodeClient:
@@ -130,13 +132,23 @@ class KubeNodeClient:
         node: dict[str, Any] = json.loads(response.data)
         return node
 
-    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> None:
-        self.core.patch_node(name, {"metadata": {"annotations": dict(changes)}},
-                             _content_type=STRATEGIC_MERGE_PATCH)
+    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str:
+        response: Any = self.core.patch_node(
+            name, {"metadata": {"annotations": dict(changes)}},
+            _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
+        )
+        return _resource_version(response)
 
-    def patch_condition(self, name: str, condition: Mapping[str, str]) -> None:
-        self.core.patch_node_status(name, {"status": {"conditions": [dict(condition)]}},
-                                    _content_type=STRATEGIC_MERGE_PATCH)
+    def patch_condition(self, name: str, condition: Mapping[str, str]) -> str:
+        response: Any = self.core.patch_node_status(
+            name, {"status": {"conditions": [dict(condition)]}},
+            _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
+        )
+        return _resource_version(response)
+
+
+def _resource_version(response: Any) -> str:
+    return str(json.loads(response.data)["metadata"]["resourceVersion"])
 
 
 def connect(
@@ -172,6 +184,10 @@ class MemoryNodeClient:
         self.nodes = {node["metadata"]["name"]: copy.deepcopy(dict(node)) for node in nodes}
         self.writes: list[tuple[str, str]] = []  # (node name, "annotations" | "condition")
         self._lock = threading.Lock()
+        # One counter for all nodes, as etcd's revision, above any version given.
+        self._version = max((int(rv) for node in self.nodes.values()
+                             if str(rv := node["metadata"].get("resourceVersion", "")).isdigit()),
+                            default=0)
 
     def get(self, name: str) -> dict[str, Any]:
         with self._lock:
@@ -179,7 +195,7 @@ class MemoryNodeClient:
                 raise LookupError(f"node {name} not found")
             return copy.deepcopy(self.nodes[name])
 
-    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> None:
+    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str:
         with self._lock:
             metadata = self.nodes[name].setdefault("metadata", {})
             annotations = metadata.setdefault("annotations", {})
@@ -189,11 +205,18 @@ class MemoryNodeClient:
                 else:
                     annotations[key] = value
             self.writes.append((name, "annotations"))
+            return self._new_version(name)
 
-    def patch_condition(self, name: str, condition: Mapping[str, str]) -> None:
+    def patch_condition(self, name: str, condition: Mapping[str, str]) -> str:
         with self._lock:
             status = self.nodes[name].setdefault("status", {})
             conditions = [c for c in status.get("conditions") or []
                           if c.get("type") != condition["type"]]
             status["conditions"] = [*conditions, dict(condition)]
             self.writes.append((name, "condition"))
+            return self._new_version(name)
+
+    def _new_version(self, name: str) -> str:
+        self._version += 1
+        self.nodes[name]["metadata"]["resourceVersion"] = str(self._version)
+        return str(self._version)
