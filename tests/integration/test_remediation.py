@@ -66,8 +66,7 @@ def test_fatal_xid_quarantines_restarts_the_gang_and_replaces_the_node(
     assert victim not in again["status"]["nodes"]
 
     def replaced() -> bool:
-        node = kubectl.get("node", victim) if victim in {
-            n["metadata"]["name"] for n in nodes_of(kubectl, name)} else None
+        node = next((n for n in nodes_of(kubectl, name) if n["metadata"]["name"] == victim), None)
         return node is not None and node["metadata"]["uid"] != old_uid and not quarantined(node)
     wait_for(replaced, timeout=60, what=f"{victim} replaced by a new node")
     wait_ready(kubectl, name, 4)
