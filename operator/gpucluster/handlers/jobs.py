@@ -40,6 +40,7 @@ from gpucluster.planning.jobs import (
     admission_inputs,
     choose_pool,
     judge_gang,
+    node_usable,
 )
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.planning.scheduling import plan_admissions
@@ -333,6 +334,25 @@ def _export_queue_metrics(cluster: str, views: list[JobView], now: float) -> Non
         metrics.jobs.labels(cluster, phase.value).set(sum(1 for v in views if v.phase == phase))
 
 
+def _export_allocation_metrics(cluster: str, spec: Any, nodes: list[ObservedNode], views: list[JobView],
+                               foreign: Mapping[str, int]) -> None:
+    """GPUs allocated to admitted gangs and free for the next one, per pool."""
+    for pool in spec.get("pools", []):
+        usable = [n for n in nodes if n.pool == pool["name"] and node_usable(n)]
+        allocated = sum(v.gpus for v in views if v.pool == pool["name"] and v.phase in ACTIVE_PHASES)
+        held_elsewhere = sum(foreign.get(n.name, 0) for n in usable)
+        labels = (cluster, pool["name"], pool["gpu"])
+        metrics.pool_gpus.labels(*labels, "allocated").set(allocated)
+        metrics.pool_gpus.labels(*labels, "free").set(max(0, sum(n.gpus for n in usable) - allocated - held_elsewhere))
+
+
+def _forget_deleted(cluster: str, seen: Iterable[JobView]) -> None:
+    """Drops decisions about jobs that left the index (deleted)."""
+    keys = {v.key for v in seen}
+    for key in [k for k, v in _assumed.items() if v.cluster == cluster and k not in keys]:
+        del _assumed[key]
+
+
 @kopf.timer(names.GROUP, names.VERSION, cluster_api.PLURAL, interval=CYCLE_INTERVAL_S,  # type: ignore[arg-type]
             id="admission")
 async def admission_loop(*, name: str, spec: Any, jobs_by_cluster: kopf.Index[str, JobView],
@@ -340,11 +360,15 @@ async def admission_loop(*, name: str, spec: Any, jobs_by_cluster: kopf.Index[st
                          nodes_by_cluster: kopf.Index[str, ObservedNode],
                          foreign_gpus_by_node: kopf.Index[str, int], **_: Any) -> None:
     now = time.time()
-    views = _current_views(jobs_by_cluster.get(name, []))
+    indexed = list(jobs_by_cluster.get(name, []))
+    _forget_deleted(name, indexed)
+    views = _current_views(indexed)
+    nodes = list(nodes_by_cluster.get(name, []))
+    foreign = {n.name: sum(foreign_gpus_by_node.get(n.name, [])) for n in nodes}
     _export_queue_metrics(name, views, now)
+    _export_allocation_metrics(name, spec, nodes, views, foreign)
     if not views:
         return
-    nodes = list(nodes_by_cluster.get(name, []))
     node_by_name = {n.name: n for n in nodes}
     for view in views:
         if view.phase in ACTIVE_PHASES:
@@ -356,7 +380,6 @@ async def admission_loop(*, name: str, spec: Any, jobs_by_cluster: kopf.Index[st
     if not any(v.phase in WAITING_PHASES for v in views):
         return
     products = {p["name"]: p["gpu"] for p in spec.get("pools", [])}
-    foreign = {n.name: sum(foreign_gpus_by_node.get(n.name, [])) for n in nodes}
     pods = [p for v in views for p in workers_by_job.get(v.key, [])]
     snapshot_nodes, running, pending = admission_inputs(views, nodes, pods, products, foreign)
     started = time.perf_counter()

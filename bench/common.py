@@ -1,0 +1,91 @@
+"""What the cluster benchmarks share: a local control plane with the CRDs
+applied, kubectl and a client on it, and a raw node watch."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "operator"))
+
+from gpucluster import devcluster  # noqa: E402
+from gpucluster.kube.client import CONCURRENCY  # noqa: E402
+
+
+@dataclass
+class BenchCluster:
+    kubeconfig: str
+    core: kubernetes.client.CoreV1Api
+    kubectl_bin: str
+
+    def kubectl(self, *argv: str, input: str | None = None) -> str:
+        return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
+                              text=True, capture_output=True, check=True).stdout
+
+    def gpucluster(self, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+        """A `gpucluster` subcommand against this cluster, logging to `log`."""
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator")}
+        with open(log, "wb") as out:
+            return subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *argv], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def bench_cluster(name: str) -> Iterator[BenchCluster]:
+    """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied."""
+    external = os.environ.get("GPUCLUSTER_KUBECONFIG")
+    state_dir = REPO / ".local-cluster" / name
+    if not external:
+        devcluster.down(state_dir)
+        kubeconfig = devcluster.up(state_dir).kubeconfig
+    else:
+        kubeconfig = external
+    try:
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        configuration.connection_pool_maxsize = CONCURRENCY * 2
+        cluster = BenchCluster(kubeconfig, kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration)),
+                               str(devcluster.bin_dir() / "kubectl"))
+        cluster.kubectl("apply", "-f", str(REPO / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all")
+        yield cluster
+    finally:
+        if not external:
+            devcluster.down(state_dir)
+
+
+def watch_nodes(core: kubernetes.client.CoreV1Api, selector: str,
+                on_event: Callable[[str, dict[str, Any]], bool]) -> threading.Thread:
+    """Streams node events as raw JSON (the client's model decoding would be
+    the bottleneck at thousands of nodes) to `on_event(type, node)` on a
+    thread, until it returns True."""
+    def run() -> None:
+        version = "0"
+        while True:
+            stream = core.list_node(watch=True, label_selector=selector, resource_version=version,
+                                    allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
+            buffer = b""
+            for chunk in stream.stream(1 << 16):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    event = json.loads(line)
+                    version = event["object"]["metadata"].get("resourceVersion", version)
+                    if event["type"] != "BOOKMARK" and on_event(event["type"], event["object"]):
+                        stream.close()
+                        return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
