@@ -101,3 +101,17 @@ def test_a_fake_agent_serves_metrics_until_terminated() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_building_the_parsers_imports_nothing_heavy() -> None:
+    """The main CLI builds these parsers on every command, `gpucluster run` too."""
+    code = (
+        "import argparse, sys\n"
+        "from gpucluster.agent.cli import add_agent_parser, add_device_plugin_parser\n"
+        "sub = argparse.ArgumentParser().add_subparsers()\n"
+        "add_agent_parser(sub); add_device_plugin_parser(sub)\n"
+        "print(sorted(m for m in ('grpc', 'pynvml', 'kubernetes', 'kopf') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, check=True)
+    assert result.stdout.strip() == "[]", result.stderr

@@ -12,12 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from gpucluster.agent._proto import api_pb2, api_pb2_grpc
-from gpucluster.agent.deviceplugin import (
-    DEFAULT_ENDPOINT,
-    DevicePluginServer,
-    PluginDevice,
-    preferred_allocation,
-)
+from gpucluster.agent.deviceplugin import DevicePluginServer
+from gpucluster.agent.devices import DEFAULT_ENDPOINT, PluginDevice, preferred_allocation
 from gpucluster.agent.fake import FakeGpuSet, fake_gpu_uuid
 from gpucluster.agent.gpu_profile import H100_80GB_HBM3, load_profile
 from gpucluster.agent.injection import FaultKind, Injection

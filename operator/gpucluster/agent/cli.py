@@ -64,7 +64,7 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_device_plugin_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from gpucluster.agent.deviceplugin import DEFAULT_ENDPOINT, DEFAULT_PLUGIN_DIR
+    from gpucluster.agent.devices import DEFAULT_ENDPOINT, DEFAULT_PLUGIN_DIR
     from gpucluster.agent.fake import GPUS_PER_NODE
     from gpucluster.names import GPU_RESOURCE
 

@@ -7,98 +7,43 @@ device-plugin directory, registers it with the kubelet's Registration
 service (kubelet.sock in the same directory), and streams every GPU as
 Healthy or Unhealthy by the health verdict. When the kubelet restarts it
 wipes the directory and creates kubelet.sock anew; the plugin notices,
-serves its socket again and registers again.
-
-Topology: an HGX board hangs four GPUs off each of its two CPU sockets, so
-the plugin reports GPU i on NUMA node i // (count / 2) and prefers
-allocations that stay on one NUMA node, then contiguous indices. (On HGX
-every GPU pair is NVLink-connected through NVSwitch, so locality to the CPU
-and its PCIe switches is what sets one set of GPUs apart from another.)
+serves its socket again and registers again. The devices it offers and
+the allocations it prefers are decided in devices.py.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from gpucluster.agent._proto import api_pb2, api_pb2_grpc
 from gpucluster.agent.backend import GpuBackend
+from gpucluster.agent.devices import (
+    API_VERSION,
+    DEFAULT_ENDPOINT,
+    DEFAULT_PLUGIN_DIR,
+    KUBELET_SOCKET,
+    PluginDevice,
+    plugin_devices,
+    preferred_allocation,
+)
 from gpucluster.names import GPU_RESOURCE
-from gpucluster.planning.health import HealthPolicy, NodeVerdict, node_verdict
+from gpucluster.planning.health import HealthPolicy, node_verdict
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "v1beta1"
-DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-KUBELET_SOCKET = "kubelet.sock"
-DEFAULT_ENDPOINT = "gpucluster-gpu.sock"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 # The env NVIDIA's device plugin gives a container (its default envvar
 # strategy): the UUIDs of its GPUs, which the NVIDIA container runtime mounts.
 VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
-# Beyond this many candidate sets, prefer greedily instead of trying them all.
-_MAX_CANDIDATE_SETS = 50_000
-
-
-@dataclass(frozen=True)
-class PluginDevice:
-    id: str  # the GPU UUID
-    index: int
-    healthy: bool
-    numa_node: int
-
-
-def numa_node_of(index: int, gpu_count: int) -> int:
-    return index // max(1, gpu_count // 2)
-
-
-def plugin_devices(verdict: NodeVerdict) -> tuple[PluginDevice, ...]:
-    """One device per GPU of the verdict; a GPU without a known UUID (gone
-    before it was ever seen) cannot be named and is left out."""
-    return tuple(
-        PluginDevice(gpu.uuid, gpu.index, gpu.healthy, numa_node_of(gpu.index, verdict.total_gpus))
-        for gpu in verdict.gpus
-        if gpu.uuid
-    )
-
-
-def preferred_allocation(
-    devices: Mapping[str, PluginDevice],
-    available: Sequence[str],
-    must_include: Sequence[str],
-    size: int,
-) -> list[str]:
-    """The devices to allocate: all of `must_include`, then the available
-    ones that touch the fewest NUMA nodes, then span the fewest indices
-    (contiguous), then the lowest indices."""
-    chosen = list(dict.fromkeys(must_include))
-    if size <= len(chosen):
-        return chosen[:size]
-    candidates = [device for device in dict.fromkeys(available) if device not in chosen]
-    needed = min(size - len(chosen), len(candidates))
-
-    def cost(extra: Sequence[str]) -> tuple[int, int, list[int]]:
-        picked = [devices[device] for device in (*chosen, *extra) if device in devices]
-        indices = sorted(device.index for device in picked)
-        span = indices[-1] - indices[0] if indices else 0
-        return len({device.numa_node for device in picked}), span, indices
-
-    if math.comb(len(candidates), needed) > _MAX_CANDIDATE_SETS:
-        by_index = sorted(candidates, key=lambda d: devices[d].index if d in devices else 0)
-        return chosen + by_index[:needed]
-    best = min(itertools.combinations(candidates, needed), key=cost)
-    return chosen + list(best)
 
 
 class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
