@@ -17,7 +17,7 @@ Built to stay cheap at thousands of nodes:
 * a watch event older than the fleet's own last write to a node (its two
   patches arrive as two events, the first of them stale by the time it
   lands) is dropped instead of undoing what the fleet knows it wrote;
-* writes go through a small pool of threads, one queued write per node at most.
+* writes go through a small pool of threads, one write per node at a time.
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ from gpucluster.names import (
     LABEL_GPU_COUNT,
     LABEL_GPU_PRODUCT,
 )
-from gpucluster.planning.health import HealthPolicy, NodeVerdict, node_verdict
+from gpucluster.planning.health import (
+    HealthPolicy,
+    NodeVerdict,
+    XidClass,
+    classify_xid,
+    node_verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +137,7 @@ class Fleet:
         self._lock = threading.Lock()
         self._nodes: dict[str, _FleetNode] = {}
         self._dirty: set[str] = set()
-        # Nodes whose verdict holds a transient XID, which ages out with time.
+        # Nodes with a transient XID, whose verdict changes as it ages out.
         self._timed: set[str] = set()
         # Nodes queued for a write or being written: one write per node at a
         # time, or the echo of a write's first patch would queue a second.
@@ -261,13 +267,10 @@ class Fleet:
             node = self._nodes.get(name)
             return None if node is None else node.verdict
 
-    @property
-    def pending_writes(self) -> int:
-        return self._writes.qsize()
-
     def _judge(self, fleet_node: _FleetNode, now: float) -> None:
         readings = fleet_node.gpus.read()
-        timed = any(reading.xid_events for reading in readings)
+        timed = any(classify_xid(event.xid).kind is XidClass.TRANSIENT
+                    for reading in readings for event in reading.xid_events)
         if fleet_node.verdict_version == fleet_node.gpus.version and not timed:
             return
         fleet_node.verdict = node_verdict(
