@@ -18,3 +18,7 @@ class GpuBackend(Protocol):
     def read(self) -> Sequence[GpuReading]:
         """The GPUs the driver lists now, by index."""
         ...
+
+    def close(self) -> None:
+        """Release what the backend holds (NVML, its event thread)."""
+        ...

@@ -20,9 +20,13 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpucluster.agent.gpu_profile import H100_80GB_HBM3, PROFILE_NAMES
+
+if TYPE_CHECKING:
+    from gpucluster.agent.backend import GpuBackend
+    from gpucluster.agent.fake import FakeGpuSet
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +147,7 @@ def run_agent(args: argparse.Namespace) -> int:
         agent.run(stop, args.interval)
     finally:
         metrics.stop()
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
+        backend.close()
     return 0
 
 
@@ -181,22 +183,28 @@ def run_device_plugin(args: argparse.Namespace) -> int:
                   "pass --node-name or set NODE_NAME")
         return 2
     from gpucluster.agent.deviceplugin import DevicePluginServer
+    from gpucluster.agent.fake import FakeGpuSet
 
     backend = _backend(args, node_name or "")
     before_tick = None
     if args.watch_faults:
-        if args.backend != "fake":
+        if not isinstance(backend, FakeGpuSet):
             log.error("--watch-faults needs --backend fake")
             return 2
         before_tick = _fault_watch(args, backend, node_name or "")
     server = DevicePluginServer(backend, plugin_dir=args.plugin_dir, endpoint=args.endpoint,
                                 resource_name=args.resource_name, before_tick=before_tick)
     log.info("device plugin for %s in %s", args.resource_name, args.plugin_dir)
-    server.run(_stop_on_signals(), args.interval)
+    try:
+        server.run(_stop_on_signals(), args.interval)
+    finally:
+        backend.close()
     return 0
 
 
-def _fault_watch(args: argparse.Namespace, backend: Any, node_name: str) -> Callable[[], None]:
+def _fault_watch(
+    args: argparse.Namespace, backend: FakeGpuSet, node_name: str
+) -> Callable[[], None]:
     """A before_tick that applies the Node's fault annotation to the fake GPUs."""
     from gpucluster.agent.injection import injection_annotation
     from gpucluster.agent.nodestatus import KubeNodeClient, connect
@@ -205,7 +213,7 @@ def _fault_watch(args: argparse.Namespace, backend: Any, node_name: str) -> Call
     return lambda: backend.apply_annotation(injection_annotation(nodes.get(node_name)))
 
 
-def _backend(args: argparse.Namespace, node_name: str) -> Any:
+def _backend(args: argparse.Namespace, node_name: str) -> GpuBackend:
     if args.backend == "nvml":
         from gpucluster.agent.nvml import NvmlBackend
 

@@ -169,6 +169,9 @@ class FakeGpuSet:
                 ]
             return self._readings
 
+    def close(self) -> None:
+        """Nothing to release: the fake holds no device."""
+
     def _changed(self) -> None:
         self._readings = None
         self._version += 1

@@ -127,28 +127,31 @@ class KubeNodeClient:
         self.core = core
 
     def get(self, name: str) -> dict[str, Any]:
-        # Without preloading, the client returns the raw HTTP response.
-        response: Any = self.core.read_node(name, _preload_content=False)
-        node: dict[str, Any] = json.loads(response.data)
-        return node
+        return _json_body(self.core.read_node(name, _preload_content=False))
 
     def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str:
         response: Any = self.core.patch_node(
             name, {"metadata": {"annotations": dict(changes)}},
             _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
         )
-        return _resource_version(response)
+        return str(_json_body(response)["metadata"]["resourceVersion"])
 
     def patch_condition(self, name: str, condition: Mapping[str, str]) -> str:
         response: Any = self.core.patch_node_status(
             name, {"status": {"conditions": [dict(condition)]}},
             _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
         )
-        return _resource_version(response)
+        return str(_json_body(response)["metadata"]["resourceVersion"])
 
 
-def _resource_version(response: Any) -> str:
-    return str(json.loads(response.data)["metadata"]["resourceVersion"])
+def _json_body(response: Any) -> dict[str, Any]:
+    """The body of a call made without preloading (the client then returns the
+    raw HTTP response, and still raises ApiException for an error status)."""
+    try:
+        body: dict[str, Any] = json.loads(response.data)
+        return body
+    finally:
+        response.release_conn()
 
 
 def connect(
