@@ -54,10 +54,6 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         self._changed = threading.Condition()
         self._closed = False
 
-    @property
-    def devices(self) -> tuple[PluginDevice, ...]:
-        return self._devices
-
     def update(self, devices: Sequence[PluginDevice]) -> None:
         """New device list; open ListAndWatch streams send it if it differs."""
         devices = tuple(devices)
