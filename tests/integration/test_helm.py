@@ -228,8 +228,8 @@ def test_two_replicas_as_the_service_account_one_active(
                                 "template": {"spec": {"containers": [{"name": "trainer", "image": "pytorch"}]}}}})
         wait_for(lambda: (kubectl.get("tj", "-n", "default", job).get("status") or {}).get("phase") == "Running",
                  timeout=45, what=f"{job} Running; operator log: {newer.log_path}")
-        kubectl.run("delete", "tj", "-n", "default", job, "--timeout=60s")
     finally:
+        kubectl.run("delete", "tj", "-n", "default", f"{name}-job", "--timeout=60s", check=False)
         kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
     assert kubectl.get("nodes", "-l", f"gpucluster.dev/cluster={name}")["items"] == []
     assert "Pausing" not in newer.log_path.read_text()

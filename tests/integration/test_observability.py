@@ -30,8 +30,10 @@ pytestmark = pytest.mark.integration
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "gpucluster-dashboard.json"
 CLUSTER = f"obs-{uuid.uuid4().hex[:5]}"
 # Two pools, so per-pool figures cannot be right by accident.
-POOLS = {"h100": {"gpu": "H100-80GB-HBM3", "nodes": 3, "gpusPerNode": 8},
-         "h200": {"gpu": "H200-141GB", "nodes": 2, "gpusPerNode": 4}}
+# Remediation may take no node out of service (maxUnavailable: 0): the nodes
+# this module gives XIDs stay, and the pool's budget is spent at once.
+POOLS = {"h100": {"gpu": "H100-80GB-HBM3", "nodes": 4, "gpusPerNode": 8, "remediation": {"maxUnavailable": 0}},
+         "h200": {"gpu": "H200-141GB", "nodes": 2, "gpusPerNode": 4, "remediation": {"maxUnavailable": 0}}}
 # What the fake GPUs report, from the real boards' captures.
 MODEL_NAMES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
 FB_TOTAL_MIB = {"NVIDIA H100 80GB HBM3": 81559, "NVIDIA H200": 143771}
@@ -165,19 +167,21 @@ def test_injected_xids_fire_their_alerts(prometheus: PrometheusServer, injected_
     assert not firing(prometheus, "GPUMemoryXID", Hostname=FATAL_NODE)
 
     # The operator sees the GPUHealthy verdicts the agents wrote: its healthy
-    # figure drops to what the nodes show, and the pool alert starts its
-    # 10-minute wait (pending, not firing).
+    # figure drops to what the nodes show, and the pool alerts start their
+    # waits (pending, not yet firing): unhealthy nodes, and a remediation
+    # budget of no node at all.
     query = f'max by (pool) (gpucluster_pool_nodes{{cluster="{CLUSTER}", state="healthy"}})'
 
     def healthy_matches_nodes() -> bool:
         from_nodes = {p: f["healthy"] for p, f in figures_from_nodes(kubectl).items()}
         return prometheus.values_by(query, "pool") == from_nodes and from_nodes["h100"] < POOLS["h100"]["nodes"]
     wait_for(healthy_matches_nodes, timeout=30, what="the healthy-node figure to follow the verdicts")
-    pending = wait_for(lambda: [a for a in prometheus.alerts()
-                                if a["labels"].get("alertname") == "GpuclusterPoolNodesUnhealthy"
-                                and a["labels"].get("cluster") == CLUSTER],
-                       timeout=30, what="GpuclusterPoolNodesUnhealthy pending")
-    assert {(a["labels"]["pool"], a["state"]) for a in pending} >= {("h100", "pending")}
+    for alertname in ("GpuclusterPoolNodesUnhealthy", "GpuclusterRemediationBudgetExhausted"):
+        pending = wait_for(lambda a=alertname: [x for x in prometheus.alerts()
+                                                if x["labels"].get("alertname") == a
+                                                and x["labels"].get("cluster") == CLUSTER],
+                           timeout=30, what=f"{alertname} pending")
+        assert {(a["labels"]["pool"], a["state"]) for a in pending} >= {("h100", "pending")}, alertname
 
 
 def a_gpu_uuid(value: str) -> bool:
@@ -216,7 +220,11 @@ def job_phase(kubectl: Kubectl, name: str) -> str:
 
 
 def wait_phase(kubectl: Kubectl, name: str, phase: str, timeout: float = 45) -> None:
-    wait_for(lambda: job_phase(kubectl, name) == phase, timeout=timeout, what=f"{name} {phase}")
+    try:
+        wait_for(lambda: job_phase(kubectl, name) == phase, timeout=timeout, what=f"{name} {phase}")
+    except AssertionError as err:
+        status = kubectl.get("tj", "-n", "default", name).get("status")
+        raise AssertionError(f"{err}\nstatus: {status}") from None
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +240,8 @@ def job_activity(gpu_cluster: str, injected_xids: None, kubectl: Kubectl) -> Non
     wait_for(lambda: (kubectl.get("tj", "-n", "default", low).get("status") or {}).get("restarts") == 1,
              timeout=45, what=f"{low} restarted as a gang")
     wait_phase(kubectl, low, "Running")
-    # Two of the three H100 nodes are busy with `low` and one has a fatal
-    # XID, so two more workers fit only by preempting it.
+    # Of the four H100 nodes one has a fatal XID and `low` holds two (not the
+    # one its failed worker ran on): two more workers fit only by preempting it.
     kubectl.apply(job_manifest(high, workers=2, priority=100))
     wait_phase(kubectl, high, "Running")
     assert job_phase(kubectl, low) in ("Queued", "Restarting")
