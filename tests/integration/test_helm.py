@@ -79,10 +79,9 @@ def test_install_creates_the_charts_objects(release: str, helm: Helm, kubectl: K
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == OPERATOR_SA
     agent = kubectl.get("daemonset", "-n", NAMESPACE, f"{RELEASE}-gpucluster-agent")
     assert agent["status"]["desiredNumberScheduled"] == 0
-    # The API server accepted the peering CRDs from the chart's crds/ and the
-    # peering object the replicas would share.
-    for crd in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
-        kubectl.run("wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd}")
+    # The API server accepted the peering CRD from the chart's crds/ and the
+    # peering object the replicas share.
+    kubectl.run("wait", "--for=condition=Established", "--timeout=30s", "crd/clusterkopfpeerings.kopf.dev")
     assert kubectl.get("clusterkopfpeering", PEERING)["metadata"]["name"] == PEERING
     dashboards = kubectl.get("configmap", "-n", NAMESPACE, "-l", "grafana_dashboard=1")["items"]
     assert [c["metadata"]["name"] for c in dashboards] == [f"{RELEASE}-gpucluster-dashboard"]

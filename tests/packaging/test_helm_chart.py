@@ -16,7 +16,6 @@ import yaml
 from .operator_api import (
     AGENT,
     DEVICE_PLUGIN_WATCHING_FAULTS,
-    Permission,
     operator_permissions,
     permissions_of,
 )
@@ -140,12 +139,10 @@ def test_every_component_switched() -> None:
     assert operator["args"] == ["run", "--log-format=plain", "--metrics-port=9090", "--liveness-port=9091",
                                 "--namespace=team-a", "--namespace=team-b"]
     assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-credentials"}]
-    # No peering name: a standalone operator, no peering object, no peering RBAC;
-    # namespaced: Kopf lists the namespaces to match watchNamespaces.
-    assert "ClusterKopfPeering" not in kinds(docs) and "KopfPeering" not in kinds(docs)
+    # No peering name: a standalone operator, no peering object, no peering RBAC.
+    assert "ClusterKopfPeering" not in kinds(docs)
     role = permissions_of(one(docs, "ClusterRole", "gpucluster-gpc-operator"))
-    assert not {p for p in role if p.group == "kopf.dev"}
-    assert {Permission("", "namespaces", "list"), Permission("", "namespaces", "watch")} <= role
+    assert role == operator_permissions(peering=False)
 
     agent = container(one(docs, "DaemonSet", "gpucluster-gpc-agent"))
     assert agent["args"] == ["agent", "--backend=fake", "--profile=h200-141gb", "--metrics-port=9500",
@@ -167,12 +164,15 @@ def test_every_component_switched() -> None:
         assert sa["metadata"]["annotations"] == {"example.com/owner": "ml-platform"}
 
 
-def test_namespaced_peering_has_a_kopfpeering_per_namespace() -> None:
+def test_serving_some_namespaces_keeps_the_cluster_wide_peering() -> None:
+    # `gpucluster run -n` filters TrainingJobs in its handlers and runs Kopf
+    # cluster-wide (Kopf serves no cluster-scoped resource in namespaced
+    # mode), so the peering and the RBAC stay cluster-wide too.
     docs = render(sets=("operator.watchNamespaces={team-a,team-b}",))
-    peerings = [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "KopfPeering"]
-    assert peerings == [("team-a", "gpucluster"), ("team-b", "gpucluster")]
-    role = permissions_of(one(docs, "ClusterRole", "gpucluster-operator"))
-    assert {p.resource for p in role if p.group == "kopf.dev"} == {"kopfpeerings"}
+    assert container(one(docs, "Deployment", "gpucluster-operator"))["args"][-2:] == [
+        "--namespace=team-a", "--namespace=team-b"]
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "gpucluster"
+    assert permissions_of(one(docs, "ClusterRole", "gpucluster-operator")) == operator_permissions()
 
 
 def test_monitoring_objects_where_the_prometheus_operator_is() -> None:
@@ -236,7 +236,7 @@ def test_chart_crds_are_the_repository_crds() -> None:
     assert stale == [], "helm/gpucluster/crds/ differs from crds/: cp crds/*.yaml helm/gpucluster/crds/"
     assert set(chart) - set(ours) == {"kopf.dev_peerings.yaml"}
     kopf = [d["metadata"]["name"] for d in yaml.safe_load_all(chart["kopf.dev_peerings.yaml"])]
-    assert kopf == ["clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]
+    assert kopf == ["clusterkopfpeerings.kopf.dev"]
 
 
 def test_chart_files_are_the_deploy_files() -> None:

@@ -67,8 +67,3 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "gpucluster.serviceAccountName" -}}
 {{- include "gpucluster.componentName" . -}}
 {{- end -}}
-
-{{/* Kopf runs namespaced (KopfPeering per namespace) when watchNamespaces is set. */}}
-{{- define "gpucluster.clusterwide" -}}
-{{- if empty .Values.operator.watchNamespaces -}}true{{- end -}}
-{{- end -}}
