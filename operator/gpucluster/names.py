@@ -36,6 +36,8 @@ MANAGED_BY = "gpucluster"
 # Written by the node agent: the node condition both the job controller and
 # remediation read, and the number of GPUs the agent found healthy.
 CONDITION_GPU_HEALTHY = "GPUHealthy"
+# Fake GPUs only: faults to inject, read by the fake backend and the fleet.
+ANNOTATION_INJECT_FAULT = f"{GROUP}/inject-fault"
 ANNOTATION_HEALTHY_GPUS = f"{GROUP}/healthy-gpus"
 ANNOTATION_UNHEALTHY_GPUS = f"{GROUP}/unhealthy-gpus"
 

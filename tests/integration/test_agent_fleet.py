@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from gpucluster.agent.exporter import DcgmCollector
 from gpucluster.agent.fleet import Fleet, FleetRunner, NodeWatcher
-from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
 from gpucluster.agent.nodestatus import KubeNodeClient, connect
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
+    ANNOTATION_INJECT_FAULT,
     ANNOTATION_UNHEALTHY_GPUS,
     CONDITION_GPU_HEALTHY,
 )

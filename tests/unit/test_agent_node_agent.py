@@ -6,10 +6,9 @@ import threading
 
 from gpucluster.agent.fake import FakeGpuSet
 from gpucluster.agent.gpu_profile import H100_80GB_HBM3, load_profile
-from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
 from gpucluster.agent.node_agent import NodeAgent
 from gpucluster.agent.nodestatus import MemoryNodeClient, gpu_condition_of
-from gpucluster.names import ANNOTATION_HEALTHY_GPUS
+from gpucluster.names import ANNOTATION_HEALTHY_GPUS, ANNOTATION_INJECT_FAULT
 
 
 class Clock:

@@ -16,12 +16,8 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 from gpucluster.agent.gpu_profile import GpuProfile
-from gpucluster.agent.injection import (
-    ANNOTATION_INJECT_FAULT,
-    FaultKind,
-    Injection,
-    parse_injections,
-)
+from gpucluster.agent.injection import FaultKind, Injection, parse_injections
+from gpucluster.names import ANNOTATION_INJECT_FAULT
 from gpucluster.planning.health import GpuReading, XidClass, XidEvent, classify_xid
 
 log = logging.getLogger(__name__)

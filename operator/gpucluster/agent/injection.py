@@ -31,9 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpucluster.names import ANNOTATION_INJECT_FAULT
+
 # Belongs in names.py with the other annotations (owned elsewhere); kept here
 # until it moves there.
-ANNOTATION_INJECT_FAULT = "gpucluster.dev/inject-fault"
 
 
 class FaultKind(enum.Enum):
