@@ -17,6 +17,15 @@ LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                "json": kopf.LogFormat.JSON}
 
 
+class _QuietTimers(logging.Filter):
+    """The admission and resync timers succeed every second or so; logging
+    each success would bury everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Timer ") and message.endswith(" succeeded."))
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Progress and diff-base live in annotations of our own prefix, so the
@@ -29,7 +38,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # lines stay in the log (posting.loggers is off by default).
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    settings.batching.worker_limit = 64
     settings.execution.max_workers = 32
 
 
@@ -69,6 +77,7 @@ def run_operator(args: argparse.Namespace) -> int:
     handlers.jobs.served_namespaces[:] = args.namespace
 
     kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
+    logging.getLogger("kopf.objects").addFilter(_QuietTimers())
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
