@@ -12,12 +12,12 @@ POOL_LABELS = ("cluster", "pool", "gpu")
 
 pool_nodes = Gauge(
     "gpucluster_pool_nodes",
-    "Nodes of a pool by state (desired, ready, healthy, cordoned).",
+    "Nodes of a pool by state (desired, ready, healthy).",
     [*POOL_LABELS, "state"],
 )
 pool_gpus = Gauge(
     "gpucluster_pool_gpus",
-    "GPUs of a pool by state (total, healthy, unhealthy, allocated, free).",
+    "GPUs of a pool by state (desired, ready, healthy, unhealthy, allocated, free).",
     [*POOL_LABELS, "state"],
 )
 reconcile_duration_seconds = Histogram(
