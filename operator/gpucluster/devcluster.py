@@ -315,7 +315,7 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         "--kube-api-qps=200", "--kube-api-burst=400",
         # Thousands of simulated kubelets share 2 cores with the control
-        # plane here; a lease renewed late must not flip nodes to Unknown.
+        # plane here; a heartbeat posted late must not flip nodes to Unknown.
         # Tests that need a node down say so explicitly (a status patch).
         "--node-monitor-grace-period=180s", "--v=1",
     ])
@@ -335,8 +335,6 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
         "--disregard-status-with-label-selector=",
         "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1",
-        # Renew leases every ~30 s instead of ~10 s: a quarter of the writes.
-        "--node-lease-duration-seconds=120",
         f"--server-address=127.0.0.1:{p['kwok']}",
     ])
     _wait_until(state, "kube-controller-manager",
