@@ -264,3 +264,21 @@ def test_deadlock_plain_pods_versus_gangs(kubectl: Kubectl, gpu_cluster: str) ->
     wait_phase(kubectl, first, "Succeeded")
     wait_phase(kubectl, second, "Running")
     assert len(worker_pods(kubectl, second)) == 3
+
+
+def test_priority_class_name_sets_the_priority(kubectl: Kubectl, gpu_cluster: str) -> None:
+    klass = unique("urgent")
+    kubectl.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                   "metadata": {"name": klass}, "value": 12345, "description": "test"})
+    name = unique("classy")
+    try:
+        kubectl.apply(training_job(name, gpu_cluster, workers=1, priorityClassName=klass))
+        running = wait_phase(kubectl, name, "Running")
+        assert running["status"]["priority"] == 12345
+        missing = unique("noclass")
+        kubectl.apply(training_job(missing, gpu_cluster, workers=1, priorityClassName="no-such-class"))
+        failed = wait_phase(kubectl, missing, "Failed")
+        assert failed["status"]["reason"] == "UnknownPriorityClass"
+        assert "spec.priorityClassName" in failed["status"]["message"]
+    finally:
+        kubectl.run("delete", "priorityclass", klass)
