@@ -43,6 +43,7 @@ class NodeHealthWatch:
 
     def __init__(self, bench: BenchCluster, selector: str) -> None:
         self.quarantined_at: dict[str, float] = {}
+        self.unhealthy_at: dict[str, float] = {}
         self.healthy: set[str] = set()
         watch_nodes(bench.core, selector, self._see)
 
@@ -52,6 +53,8 @@ class NodeHealthWatch:
         if any(t["key"] == names.TAINT_GPU_ERROR for t in taints) and name not in self.quarantined_at:
             self.quarantined_at[name] = time.time()
         conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+        if conditions.get(names.CONDITION_GPU_HEALTHY) == "False" and name not in self.unhealthy_at:
+            self.unhealthy_at[name] = time.time()
         if kind != "DELETED" and conditions.get("Ready") == "True" \
                 and conditions.get(names.CONDITION_GPU_HEALTHY) == "True":
             self.healthy.add(name)
@@ -97,6 +100,7 @@ def run(bench: BenchCluster, count: int, faults: int, log_dir: Path) -> str:
             time.sleep(0.1)
         wait(lambda: all(n in watch.quarantined_at for n in targets), 300, "every faulty node quarantined")
         latencies = [watch.quarantined_at[n] - injected[n] for n in targets]
+        agent_part = [watch.unhealthy_at.get(n, watch.quarantined_at[n]) - injected[n] for n in targets]
         bench.kubectl("delete", "tc", cluster, "--timeout=900s")
     finally:
         for process in (operator, agent):
@@ -104,7 +108,8 @@ def run(bench: BenchCluster, count: int, faults: int, log_dir: Path) -> str:
             process.wait(30)
     return (f"{count:>6} {len(latencies):>7} {statistics.median(latencies):>8.2f} "
             f"{percentile(latencies, 0.99):>8.2f} {max(latencies):>8.2f} "
-            f"{steady * 100:>12.1f} {steady / count * 1e6:>14.0f}")
+            f"{steady * 100:>12.1f} {steady / count * 1e6:>14.0f} "
+            f"{statistics.median(agent_part):>14.2f} {percentile(agent_part, 0.99):>14.2f}")
 
 
 def main() -> int:
@@ -115,7 +120,8 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-bench-health-"))
     with bench_cluster("bench-health") as bench:
         print(f"{'nodes':>6} {'faults':>7} {'p50 s':>8} {'p99 s':>8} {'max s':>8} "
-              f"{'agent %core':>12} {'agent µs/node/s':>14}", flush=True)
+              f"{'agent %core':>12} {'agent µs/node/s':>14} {'to condition p50':>14} "
+              f"{'to condition p99':>14}", flush=True)
         for count in args.nodes or [1000]:
             print(run(bench, count, args.faults, log_dir), flush=True)
     print(f"(logs: {log_dir})")

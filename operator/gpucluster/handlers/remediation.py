@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import kopf
+import kubernetes
 
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
 from gpucluster.kube import nodes as kube_nodes
-from gpucluster.kube.client import call, custom
+from gpucluster.kube.client import call, custom, status_of
 from gpucluster.planning.health import reason_is_fatal
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.planning.remediation import NodeHealth, RemediationBudget, RemediationPlan, plan_remediation
@@ -112,7 +113,12 @@ def _needs_attention(body: Any, **_: Any) -> bool:
 async def gpu_health_changed(*, labels: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
                              pods_by_node: kopf.Index[str, str], **_: Any) -> None:
     cluster, pool_name = labels[names.LABEL_CLUSTER], labels.get(names.LABEL_POOL, "")
-    body: Any = await call(custom().get_cluster_custom_object, names.GROUP, names.VERSION, api.PLURAL, cluster)
+    try:
+        body: Any = await call(custom().get_cluster_custom_object, names.GROUP, names.VERSION, api.PLURAL, cluster)
+    except kubernetes.client.ApiException as err:
+        if status_of(err) == 404:
+            return  # the cluster is being deleted with its nodes
+        raise
     spec = api.TrainingClusterSpec.model_validate(body["spec"])
     pool = next((p for p in spec.pools if p.name == pool_name), None)
     if pool is None:
