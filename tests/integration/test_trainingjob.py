@@ -98,8 +98,10 @@ def test_gang_is_admitted_whole_with_torchrun_environment(kubectl: Kubectl, gpu_
     done = wait_phase(kubectl, name, "Succeeded")
     assert done["status"]["completedAt"]
     kubectl.run("delete", "tj", "-n", "default", name, "--timeout=60s")
+    # The garbage collector learns of a new CRD at its discovery resync (30 s),
+    # so on a fresh cluster the first owner deletion may wait that long.
     wait_for(lambda: not kubectl.get("pods", "-n", "default", "-l", f"gpucluster.dev/job={name}")["items"],
-             what="pods garbage-collected with their job")
+             timeout=90, what="pods garbage-collected with their job")
 
 
 def test_queue_by_priority_then_arrival_and_never_partial(kubectl: Kubectl, gpu_cluster: str) -> None:

@@ -9,7 +9,6 @@ made meanwhile is honoured at once rather than after the old plan finishes.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +34,7 @@ from gpucluster.planning.pools import (
     count_pool,
     plan_pool,
 )
+from gpucluster.timestamps import rfc3339
 
 CREATE_BATCH = 1000
 RESYNC_INTERVAL_S = 5.0
@@ -162,10 +162,6 @@ async def _remove_orphans(body: Any, owned: dict[str, list[ObservedNode]],
                           f"released {len(released)}")
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _status(body: Any, spec: api.TrainingClusterSpec,
             counts: dict[str, PoolCounts], degraded: ConditionUpdate | None) -> dict[str, Any]:
     ready = sum(c.ready_nodes for c in counts.values())
@@ -199,7 +195,7 @@ def _status(body: Any, spec: api.TrainingClusterSpec,
         conditions=[],
     ).model_dump()
     status["remediation"] = (body.get("status") or {}).get("remediation") or {}
-    status["conditions"] = merge_conditions(previous, updates, _now(), status["observedGeneration"])
+    status["conditions"] = merge_conditions(previous, updates, rfc3339(), status["observedGeneration"])
     return status
 
 
@@ -258,7 +254,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         kopf.warn(body, reason="InvalidSpec", message=problem)
         await _write_status(name, body, {**(body.get("status") or {}), "conditions": merge_conditions(
             (body.get("status") or {}).get("conditions") or [],
-            [ConditionUpdate("Degraded", True, "InvalidSpec", problem)], _now(),
+            [ConditionUpdate("Degraded", True, "InvalidSpec", problem)], rfc3339(),
             body["metadata"].get("generation", 0))})
         return
     pools = {p.name: p for p in spec.pools}

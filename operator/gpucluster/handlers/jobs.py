@@ -11,7 +11,6 @@ decisions of a cluster are serialised: no two of them race for a GPU.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import fnmatch
 import time
 from collections.abc import Iterable, Mapping
@@ -44,6 +43,7 @@ from gpucluster.planning.jobs import (
 )
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.planning.scheduling import plan_admissions
+from gpucluster.timestamps import epoch, rfc3339
 
 CYCLE_INTERVAL_S = 1.0
 # Reasons of a Failed phase that an edit of the spec can cure.
@@ -68,13 +68,7 @@ _assumed: dict[str, JobView] = {}
 
 
 def _epoch(timestamp: str | None) -> float | None:
-    if not timestamp:
-        return None
-    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-
-
-def _rfc3339(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return epoch(timestamp) if timestamp else None
 
 
 def job_view(namespace: str, name: str, uid: str, meta: Any, spec: Any, status: Any) -> JobView | None:
@@ -150,7 +144,7 @@ async def _set_status(namespace: str, name: str, body_status: Mapping[str, Any],
     status = {**fields}
     if condition is not None:
         status["conditions"] = merge_conditions(body_status.get("conditions") or [], [condition],
-                                                _rfc3339(time.time()), generation)
+                                                rfc3339(time.time()), generation)
     await kube_jobs.patch_status(namespace, name, status)
 
 
@@ -207,7 +201,7 @@ async def job_submitted(*, name: str, namespace: str | None, body: Any, spec: An
         await _set_status(namespace, name, status, generation,
                           ConditionUpdate("Admitted", False, checked.reason, checked.message),
                           phase=Phase.FAILED, reason=checked.reason, message=checked.message,
-                          observedGeneration=generation, completedAt=_rfc3339(time.time()))
+                          observedGeneration=generation, completedAt=rfc3339(time.time()))
         return
     pool, priority = checked
     fields: dict[str, Any] = {"pool": pool.name, "priority": priority, "observedGeneration": generation}
@@ -258,7 +252,7 @@ async def _finish_gang(view: JobView, verdict: Verdict, now: float) -> None:
         await _set_status(view.namespace, view.name, status, generation,
                           ConditionUpdate("Finished", True, "Succeeded", verdict.message),
                           phase=Phase.SUCCEEDED, reason=verdict.reason, message=verdict.message,
-                          completedAt=_rfc3339(now), workersReady=ready, gpus=0)
+                          completedAt=rfc3339(now), workersReady=ready, gpus=0)
         _assumed[view.key] = dataclasses.replace(view, phase=Phase.SUCCEEDED)
     elif verdict.action is Action.FAIL:
         kopf.warn(ref, reason=verdict.reason, message=verdict.message)
@@ -266,7 +260,7 @@ async def _finish_gang(view: JobView, verdict: Verdict, now: float) -> None:
         await _set_status(view.namespace, view.name, status, generation,
                           ConditionUpdate("Finished", True, "Failed", f"{verdict.reason}: {verdict.message}"),
                           phase=Phase.FAILED, reason=verdict.reason, message=verdict.message,
-                          completedAt=_rfc3339(now), workersReady=f"0/{view.workers}", gpus=0)
+                          completedAt=rfc3339(now), workersReady=f"0/{view.workers}", gpus=0)
         _assumed[view.key] = dataclasses.replace(view, phase=Phase.FAILED)
     elif verdict.action is Action.RESTART:
         metrics.gang_restarts_total.labels(view.cluster, verdict.reason).inc()
@@ -280,7 +274,7 @@ async def _finish_gang(view: JobView, verdict: Verdict, now: float) -> None:
                           ConditionUpdate("Running", False, verdict.reason, verdict.message),
                           phase=Phase.RESTARTING, reason=verdict.reason, message=verdict.message,
                           attempt=view.attempt + 1, restarts=view.restarts + 1, nodes=[], excludedNodes=excluded,
-                          workersReady=f"0/{view.workers}", gpus=0, queuedAt=_rfc3339(now))
+                          workersReady=f"0/{view.workers}", gpus=0, queuedAt=rfc3339(now))
         _assumed[view.key] = dataclasses.replace(view, phase=Phase.RESTARTING, attempt=view.attempt + 1,
                                                  restarts=view.restarts + 1, nodes=(),
                                                  excluded_nodes=frozenset(excluded))
@@ -300,11 +294,11 @@ async def _admit(view: JobView, nodes: tuple[str, ...], now: float) -> None:
     metrics.admission_wait_seconds.labels(view.cluster).observe(max(0.0, waited))
     kopf.info(_reference(view), reason="Admitted", message=f"{message}: {', '.join(distinct[:8])}"
                                                          + (" ..." if len(distinct) > 8 else ""))
-    first = status.get("firstAdmittedAt") or _rfc3339(now)
+    first = status.get("firstAdmittedAt") or rfc3339(now)
     await _set_status(view.namespace, view.name, status, generation,
                       ConditionUpdate("Admitted", True, "Admitted", message),
                       phase=Phase.ADMITTED, reason="Admitted", message=message, nodes=list(nodes),
-                      admittedAt=_rfc3339(now), firstAdmittedAt=first, queuePosition=0,
+                      admittedAt=rfc3339(now), firstAdmittedAt=first, queuePosition=0,
                       gpus=view.gpus, workersReady=f"0/{view.workers}")
     _assumed[view.key] = dataclasses.replace(view, phase=Phase.ADMITTED, nodes=nodes,
                                              first_admitted_at=_epoch(first))
@@ -322,7 +316,7 @@ async def _preempt(victim: JobView, preemptor: str, now: float) -> None:
                       int(job["metadata"].get("generation", 0)),
                       ConditionUpdate("Admitted", False, "Preempted", message),
                       phase=Phase.QUEUED, reason="Preempted", message=message, attempt=victim.attempt + 1,
-                      nodes=[], gpus=0, workersReady=f"0/{victim.workers}", queuedAt=_rfc3339(now))
+                      nodes=[], gpus=0, workersReady=f"0/{victim.workers}", queuedAt=rfc3339(now))
     _assumed[victim.key] = dataclasses.replace(victim, phase=Phase.QUEUED, attempt=victim.attempt + 1, nodes=())
 
 
@@ -408,7 +402,7 @@ async def admission_loop(*, name: str, spec: Any, jobs_by_cluster: kopf.Index[st
         kopf.warn(_reference(view), reason="Unschedulable", message=why)
         await kube_jobs.patch_status(view.namespace, view.name, {
             "phase": Phase.FAILED, "reason": "Unschedulable", "message": why,
-            "completedAt": _rfc3339(now), "queuePosition": 0})
+            "completedAt": rfc3339(now), "queuePosition": 0})
         _assumed[key] = dataclasses.replace(view, phase=Phase.FAILED)
     for key, position in plan.queue_positions.items():
         if by_key[key].queue_position != position:

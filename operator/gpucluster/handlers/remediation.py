@@ -10,7 +10,6 @@ frees up is picked up without any event.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,16 +25,9 @@ from gpucluster.kube.client import call, custom, status_of
 from gpucluster.planning.health import reason_is_fatal
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.planning.remediation import NodeHealth, RemediationBudget, RemediationPlan, plan_remediation
+from gpucluster.timestamps import epoch, rfc3339
 
 _locks: dict[str, asyncio.Lock] = {}
-
-
-def _rfc3339(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _epoch(text: str) -> float:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def health_of(node: ObservedNode) -> NodeHealth:
@@ -57,7 +49,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
     async with lock:
         now = time.time()
         state = ((body.get("status") or {}).get("remediation") or {}).get(pool.name) or {}
-        recent = [t for t in (_epoch(s) for s in state.get("recentQuarantines", []))
+        recent = [t for t in (epoch(s) for s in state.get("recentQuarantines", []))
                   if now - t < pool.remediation.windowSeconds]
         by_name = {n.name: n for n in owned}
         plan = plan_remediation([health_of(n) for n in owned], pool.nodes, budget_of(pool), recent, now,
@@ -66,7 +58,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
         for name in plan.quarantine:
             node = by_name[name]
             fatal = reason_is_fatal(node.gpu_fault)
-            await kube_nodes.quarantine_node(name, node.gpu_fault, fatal, _rfc3339(now))
+            await kube_nodes.quarantine_node(name, node.gpu_fault, fatal, rfc3339(now))
             metrics.remediations_total.labels(*labels, "cordon", node.gpu_fault).inc()
             kopf.warn(body, reason="NodeQuarantined",
                       message=f"pool {pool.name}: {name} cordoned and tainted {names.TAINT_GPU_ERROR} "
@@ -87,7 +79,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
                       message=f"pool {pool.name}: {name} GPUs healthy again; uncordoned")
         metrics.remediation_budget_exhausted.labels(*labels).set(1 if plan.budget_exhausted else 0)
         window = sorted(recent + [now] * len(plan.quarantine))
-        new_state = {"recentQuarantines": [_rfc3339(t) for t in window], "waiting": list(plan.waiting)}
+        new_state = {"recentQuarantines": [rfc3339(t) for t in window], "waiting": list(plan.waiting)}
         if new_state != {"recentQuarantines": state.get("recentQuarantines", []), "waiting": state.get("waiting", [])}:
             if plan.waiting and list(plan.waiting) != state.get("waiting"):
                 kopf.warn(body, reason="RemediationBudgetExhausted",
