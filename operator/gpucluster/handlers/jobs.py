@@ -269,17 +269,25 @@ async def _finish_gang(view: JobView, verdict: Verdict, now: float) -> None:
                   message=f"{verdict.message}: restarting all {view.workers} workers "
                           f"(restart {view.restarts + 1} of {view.max_restarts})"
                           + (f", avoiding {', '.join(sorted(verdict.exclude))}" if verdict.exclude else ""))
-        await kube_jobs.delete_gang(view.namespace, view.name)
-        await _set_status(view.namespace, view.name, status, generation,
-                          ConditionUpdate("Running", False, verdict.reason, verdict.message),
-                          phase=Phase.RESTARTING, reason=verdict.reason, message=verdict.message,
-                          attempt=view.attempt + 1, restarts=view.restarts + 1, nodes=[], excludedNodes=excluded,
-                          workersReady=f"0/{view.workers}", gpus=0, queuedAt=rfc3339(now))
-        _assumed[view.key] = dataclasses.replace(view, phase=Phase.RESTARTING, attempt=view.attempt + 1,
-                                                 restarts=view.restarts + 1, nodes=(),
-                                                 excluded_nodes=frozenset(excluded))
+        await _requeue(dataclasses.replace(view, phase=Phase.RESTARTING, restarts=view.restarts + 1,
+                                           excluded_nodes=frozenset(excluded)),
+                       status, generation, ConditionUpdate("Running", False, verdict.reason, verdict.message),
+                       verdict.message, now)
     elif ready != view.workers_ready:
         await _set_status(view.namespace, view.name, status, generation, workersReady=ready)
+
+
+async def _requeue(view: JobView, status: Mapping[str, Any], generation: int, condition: ConditionUpdate,
+                   message: str, now: float) -> None:
+    """Ends the gang's current attempt and puts the job back in its queue
+    (after a restart or a preemption): `view` carries the new phase,
+    restarts and exclusions; the attempt moves on by one."""
+    await kube_jobs.delete_gang(view.namespace, view.name)
+    await _set_status(view.namespace, view.name, status, generation, condition,
+                      phase=view.phase, reason=condition.reason, message=message, attempt=view.attempt + 1,
+                      restarts=view.restarts, nodes=[], excludedNodes=sorted(view.excluded_nodes),
+                      workersReady=f"0/{view.workers}", gpus=0, queuedAt=rfc3339(now))
+    _assumed[view.key] = dataclasses.replace(view, attempt=view.attempt + 1, nodes=())
 
 
 async def _admit(view: JobView, nodes: tuple[str, ...], now: float) -> None:
@@ -308,16 +316,12 @@ async def _preempt(victim: JobView, preemptor: str, now: float) -> None:
     metrics.preemptions_total.labels(victim.cluster).inc()
     message = f"preempted to admit higher-priority job {preemptor}"
     kopf.warn(_reference(victim), reason="Preempted", message=message)
-    await kube_jobs.delete_gang(victim.namespace, victim.name)
     job = await kube_jobs.read_job(victim.namespace, victim.name)
     if job is None:
         return
-    await _set_status(victim.namespace, victim.name, job.get("status") or {},
-                      int(job["metadata"].get("generation", 0)),
-                      ConditionUpdate("Admitted", False, "Preempted", message),
-                      phase=Phase.QUEUED, reason="Preempted", message=message, attempt=victim.attempt + 1,
-                      nodes=[], gpus=0, workersReady=f"0/{victim.workers}", queuedAt=rfc3339(now))
-    _assumed[victim.key] = dataclasses.replace(victim, phase=Phase.QUEUED, attempt=victim.attempt + 1, nodes=())
+    await _requeue(dataclasses.replace(victim, phase=Phase.QUEUED), job.get("status") or {},
+                   int(job["metadata"].get("generation", 0)),
+                   ConditionUpdate("Admitted", False, "Preempted", message), message, now)
 
 
 def _export_queue_metrics(cluster: str, views: list[JobView], now: float) -> None:
@@ -370,7 +374,7 @@ async def admission_loop(*, name: str, spec: Any, jobs_by_cluster: kopf.Index[st
             if verdict.action is not Action.NONE or verdict.workers_running != int(
                     (view.workers_ready or "0/").split("/")[0] or 0):
                 await _finish_gang(view, verdict, now)
-    views = _current_views(jobs_by_cluster.get(name, []))
+    views = _current_views(indexed)
     if not any(v.phase in WAITING_PHASES for v in views):
         return
     products = {p["name"]: p["gpu"] for p in spec.get("pools", [])}
