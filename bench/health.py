@@ -91,6 +91,7 @@ def run(bench: BenchCluster, count: int, faults: int, log_dir: Path) -> str:
         time.sleep(30)
         steady = (cpu_seconds(agent.pid) - cpu_before) / (time.monotonic() - wall_before)
 
+        print(f"{count} nodes healthy; injecting faults", file=sys.stderr, flush=True)
         targets = sorted(watch.healthy)[:: max(1, count // faults)][:faults]
         injected: dict[str, float] = {}
         for index, node in enumerate(targets):

@@ -370,7 +370,10 @@ class NodeWatcher:
                 label_selector=self._selector, limit=self._page_size,
                 _continue=token, _preload_content=False,
             )
-            page = json.loads(response.data)
+            try:
+                page = json.loads(response.data)
+            finally:
+                response.release_conn()
             nodes.extend(page.get("items") or [])
             token = page["metadata"].get("continue")
             if not token:

@@ -20,7 +20,7 @@ import pydantic
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
-from gpucluster.handlers.remediation import remediate_pool
+from gpucluster.handlers.remediation import forget_cluster, remediate_pool
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, core, custom, status_of
 from gpucluster.planning.conditions import ConditionUpdate, merge_conditions
@@ -320,3 +320,4 @@ async def cluster_deleted(*, name: str, body: Any, logger: Any, **_: Any) -> Non
     deleted, released = await _let_go(f"{names.LABEL_CLUSTER}={name}")
     logger.info(f"deleted {len(deleted)} nodes, released {len(released)}")
     _locks.pop(name, None)
+    forget_cluster(name)

@@ -61,10 +61,13 @@ def pods_by_node(*, namespace: str | None, name: str, spec: Any, status: Any, me
 
 
 def owned_nodes(index: kopf.Index[str, ObservedNode], busy_nodes: kopf.Index[str, str],
-                cluster_name: str) -> dict[str, list[ObservedNode]]:
-    """The cluster's nodes by pool, each marked busy when a pod keeps it so."""
+                cluster_name: str, pool: str | None = None) -> dict[str, list[ObservedNode]]:
+    """The cluster's nodes by pool (or of one pool), each marked busy when a
+    pod keeps it so."""
     by_pool: dict[str, list[ObservedNode]] = {}
     for node in index.get(cluster_name, []):
+        if pool is not None and node.pool != pool:
+            continue
         busy = node.name in busy_nodes
         by_pool.setdefault(node.pool, []).append(dataclasses.replace(node, busy=busy))
     return by_pool

@@ -49,5 +49,21 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await loop.run_in_executor(_executor(), functools.partial(fn, *args, **kwargs))
 
 
+async def call_raw(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    """One client call whose reply body is returned unparsed: the client's
+    model decoding of a Node costs more than the request. The body is read and
+    the connection handed back to the pool in the worker thread; a reply left
+    unread keeps its connection, and the next call opens a new TLS session."""
+    def run() -> bytes:
+        response = fn(*args, _preload_content=False, **kwargs)
+        try:
+            return bytes(response.data)
+        finally:
+            response.release_conn()
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor(), run)
+
+
 def status_of(err: BaseException) -> int | None:
     return err.status if isinstance(err, kubernetes.client.ApiException) else None

@@ -13,7 +13,7 @@ from gpucluster import names
 from gpucluster.api import job as api
 from gpucluster.planning.jobs import torchrun_env
 
-from .client import call, core, custom, status_of
+from .client import call, call_raw, core, custom, status_of
 
 
 def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,14 +78,13 @@ async def create_gang(job: Mapping[str, Any], nodes: Sequence[str], attempt: int
     (a restart between create and status write) is taken as created."""
     namespace = job["metadata"]["namespace"]
     try:
-        await call(core().create_namespaced_service, namespace, service_manifest(job), _preload_content=False)
+        await call_raw(core().create_namespaced_service, namespace, service_manifest(job))
     except kubernetes.client.ApiException as err:
         if status_of(err) != 409:
             raise
     for rank, node in enumerate(nodes):
         try:
-            await call(core().create_namespaced_pod, namespace, pod_manifest(job, rank, node, attempt),
-                       _preload_content=False)
+            await call_raw(core().create_namespaced_pod, namespace, pod_manifest(job, rank, node, attempt))
         except kubernetes.client.ApiException as err:
             if status_of(err) != 409:
                 raise
@@ -93,8 +92,8 @@ async def create_gang(job: Mapping[str, Any], nodes: Sequence[str], attempt: int
 
 async def delete_gang(namespace: str, name: str) -> None:
     """Deletes every worker pod of the job, all attempts, at once."""
-    await call(core().delete_collection_namespaced_pod, namespace,
-               label_selector=f"{names.LABEL_JOB_NAME}={name}", _preload_content=False)
+    await call_raw(core().delete_collection_namespaced_pod, namespace,
+                   label_selector=f"{names.LABEL_JOB_NAME}={name}")
 
 
 async def patch_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:

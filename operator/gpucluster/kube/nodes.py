@@ -15,7 +15,7 @@ from gpucluster import names
 from gpucluster.api.gpus import GPU_FACTS, GPUProduct
 from gpucluster.planning.pools import NodeToCreate, PoolShape
 
-from .client import CONCURRENCY, call, core, status_of
+from .client import CONCURRENCY, call, call_raw, core, status_of
 
 # An 8-GPU HGX H100/H200 server: 2 x 56-core Xeon (224 threads), 2 TiB of
 # memory. Allocatable keeps back what a kubelet reserves for the system.
@@ -110,7 +110,7 @@ async def create_nodes(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
     def creator(body: Mapping[str, Any]) -> Any:
         # The reply is not parsed: at thousands of nodes the client's model
         # deserialisation, not the API server, would set the pace.
-        return lambda: call(core().create_node, body, _preload_content=False)
+        return lambda: call_raw(core().create_node, body)
 
     results = await _bounded(creator(m) for m in manifests)
     return [f"{m['metadata']['name']}: {err}" for m, err in zip(manifests, results, strict=True)
@@ -119,7 +119,7 @@ async def create_nodes(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
 
 async def delete_nodes(node_names: Sequence[str]) -> list[str]:
     def deleter(name: str) -> Any:
-        return lambda: call(core().delete_node, name, _preload_content=False)
+        return lambda: call_raw(core().delete_node, name)
 
     results = await _bounded(deleter(n) for n in node_names)
     return [f"{n}: {err}" for n, err in zip(node_names, results, strict=True)
@@ -127,7 +127,7 @@ async def delete_nodes(node_names: Sequence[str]) -> list[str]:
 
 
 async def patch_node(name: str, patch: Mapping[str, Any]) -> None:
-    await call(core().patch_node, name, patch, _preload_content=False)
+    await call_raw(core().patch_node, name, patch)
 
 
 async def set_draining(name: str, draining: bool, reason: str = "") -> None:
@@ -179,9 +179,9 @@ async def adopt_node(template: PoolNodeTemplate, node: NodeToCreate,
 
 
 async def _taints(name: str) -> list[dict[str, str]]:
-    node = await call(core().read_node, name)
-    return [{k: v for k, v in t.to_dict().items() if v is not None and k != "time_added"}
-            for t in node.spec.taints or []]
+    node = json.loads(await call_raw(core().read_node, name))
+    taints: list[dict[str, str]] = node["spec"].get("taints") or []
+    return taints
 
 
 async def release_node(name: str) -> None:
