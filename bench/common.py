@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import urllib3
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
@@ -69,14 +70,17 @@ def watch_nodes(core: kubernetes.client.CoreV1Api, selector: str,
                 on_event: Callable[[str, dict[str, Any]], bool]) -> threading.Thread:
     """Streams node events as raw JSON (the client's model decoding would be
     the bottleneck at thousands of nodes) to `on_event(type, node)` on a
-    thread, until it returns True."""
+    thread, until it returns True or the control plane goes away."""
     def run() -> None:
         version = "0"
         while True:
-            stream = core.list_node(watch=True, label_selector=selector, resource_version=version,
-                                    allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
+            try:
+                stream = core.list_node(watch=True, label_selector=selector, resource_version=version,
+                                        allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
+            except urllib3.exceptions.HTTPError:
+                return
             buffer = b""
-            for chunk in stream.stream(1 << 16):
+            for chunk in _chunks(stream):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -89,3 +93,12 @@ def watch_nodes(core: kubernetes.client.CoreV1Api, selector: str,
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def _chunks(stream: Any) -> Iterator[bytes]:
+    """The watch's bytes; the stream ending as the control plane stops at the
+    end of a run is its end, not an error."""
+    try:
+        yield from stream.stream(1 << 16)
+    except urllib3.exceptions.HTTPError:
+        return
