@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from gpucluster.planning.remediation import NodeHealth, RemediationBudget, plan_remediation
+from gpucluster.planning.remediation import (
+    NodeHealth,
+    RemediationBudget,
+    UnseenWrites,
+    overlay_unseen_writes,
+    plan_remediation,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,3 +71,27 @@ def test_never_more_out_than_the_budget_allows(nodes: list[NodeHealth], extra_de
     assert all(by_name[n].gpu_healthy for n in plan.release)
     assert all(not by_name[n].busy for n in plan.replace), "a busy node is drained before replacement"
     assert set(plan.quarantine).isdisjoint(plan.waiting)
+
+
+def test_a_quarantine_the_index_has_not_shown_is_not_planned_or_counted_twice() -> None:
+    faulty = NodeHealth("a", gpu_healthy=False, fault_reason="XIDFallenOffBus", fatal=True)
+    budget = RemediationBudget(1, max_per_window=1)
+    first = plan_remediation([faulty], 1, budget, [], 100.0, can_replace=False)
+    assert first.quarantine == ("a",)
+    # The next pass runs before the node's watch event: the index still says
+    # "not quarantined", the write says otherwise.
+    unseen = UnseenWrites(quarantine={"a": (True, 100.0)})
+    nodes, still = overlay_unseen_writes([faulty], unseen, 101.0, ttl_seconds=120)
+    second = plan_remediation(nodes, 1, budget, [100.0], 101.0, can_replace=False)
+    assert second.quarantine == () and not second.budget_exhausted
+    assert still == unseen
+
+
+def test_an_unseen_write_ends_when_the_index_shows_it_or_it_goes_stale() -> None:
+    unseen = UnseenWrites(quarantine={"shown": (True, 0.0), "stale": (True, 0.0), "pending": (False, 90.0)},
+                          deleted={"gone": 0.0, "still-listed": 90.0})
+    nodes = [NodeHealth("shown", quarantined=True), NodeHealth("stale"),
+             NodeHealth("pending", quarantined=True), NodeHealth("still-listed", quarantined=True)]
+    corrected, still = overlay_unseen_writes(nodes, unseen, 121.0, ttl_seconds=120)
+    assert {n.name: n.quarantined for n in corrected} == {"shown": True, "stale": False, "pending": False}
+    assert still == UnseenWrites(quarantine={"pending": (False, 90.0)}, deleted={"still-listed": 90.0})

@@ -30,14 +30,21 @@ from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, custom, status_of
 from gpucluster.planning.health import reason_is_fatal
 from gpucluster.planning.pools import ObservedNode
-from gpucluster.planning.remediation import NodeHealth, RemediationBudget, RemediationPlan, plan_remediation
+from gpucluster.planning.remediation import (
+    NodeHealth,
+    RemediationBudget,
+    RemediationPlan,
+    UnseenWrites,
+    overlay_unseen_writes,
+    plan_remediation,
+)
 from gpucluster.timestamps import epoch, rfc3339
 
 log = logging.getLogger(__name__)
 
 # How long a write of ours may stay unseen in the node index before the index
 # is believed over it (a write someone else undid before we saw it).
-ASSUMPTION_TTL_S = 120.0
+UNSEEN_WRITE_TTL_S = 120.0
 
 
 @dataclasses.dataclass
@@ -45,12 +52,7 @@ class _PoolRemediation:
     """What one pool's remediation keeps between passes."""
 
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    # Node -> (quarantined, when written): our quarantines and releases that
-    # the index has not shown yet. Without them a pass that runs before the
-    # node's next watch event would quarantine (and count) the node twice.
-    assumed: dict[str, tuple[bool, float]] = dataclasses.field(default_factory=dict)
-    # Nodes deleted for replacement that are still in the index.
-    deleted: dict[str, float] = dataclasses.field(default_factory=dict)
+    unseen: UnseenWrites = dataclasses.field(default_factory=UnseenWrites)
     # The quarantine times this process wrote to status.remediation, so a
     # pass handed an older copy of the status (the resync's, read before a
     # long scale-up) still counts them against the window.
@@ -73,40 +75,16 @@ def forget_cluster(cluster: str) -> None:
             state.passes.cancel()
 
 
-def health_of(node: ObservedNode, quarantined: bool) -> NodeHealth:
+def health_of(node: ObservedNode) -> NodeHealth:
     return NodeHealth(name=node.name, ready=node.ready, gpu_healthy=not node.gpu_fault,
                       fault_reason=node.gpu_fault, fatal=reason_is_fatal(node.gpu_fault),
-                      quarantined=quarantined, busy=node.busy)
+                      quarantined=node.quarantined, busy=node.busy)
 
 
 def budget_of(pool: api.NodePool) -> RemediationBudget:
     policy = pool.remediation
     return RemediationBudget(max_unavailable=policy.maxUnavailable, max_per_window=policy.maxPerWindow,
                              window_seconds=policy.windowSeconds, replace=policy.replace)
-
-
-def _healths(state: _PoolRemediation, owned: Sequence[ObservedNode], now: float) -> list[NodeHealth]:
-    """The pool as the planner sees it: the index, corrected by our writes it
-    has not shown yet (which are dropped once it does, or once stale)."""
-    seen = {n.name for n in owned}
-    for name, at in list(state.deleted.items()):
-        if name not in seen or now - at > ASSUMPTION_TTL_S:
-            del state.deleted[name]
-    healths = []
-    for node in owned:
-        if node.name in state.deleted:
-            continue
-        quarantined = node.quarantined
-        assumed = state.assumed.get(node.name)
-        if assumed is not None:
-            if assumed[0] == node.quarantined or now - assumed[1] > ASSUMPTION_TTL_S:
-                del state.assumed[node.name]
-            else:
-                quarantined = assumed[0]
-        healths.append(health_of(node, quarantined))
-    for name in set(state.assumed) - seen:
-        del state.assumed[name]
-    return healths
 
 
 async def _each(names_: Sequence[str], write: Any) -> list[str]:
@@ -136,15 +114,19 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
         written |= state.quarantined_at
         recent = [t for t in (epoch(s) for s in written.elements()) if now - t < pool.remediation.windowSeconds]
         by_name = {n.name: n for n in owned}
-        plan = plan_remediation(_healths(state, owned, now), pool.nodes, budget_of(pool), recent, now,
+        healths, state.unseen = overlay_unseen_writes([health_of(n) for n in owned], state.unseen, now,
+                                                      UNSEEN_WRITE_TTL_S)
+        plan = plan_remediation(healths, pool.nodes, budget_of(pool), recent, now,
                                 can_replace=pool.provider == api.Provider.KWOK)
+        quarantine_writes = dict(state.unseen.quarantine)
+        deletes = dict(state.unseen.deleted)
         labels = (cluster, pool.name)
 
         async def quarantine(name: str) -> None:
             node = by_name[name]
             fatal = reason_is_fatal(node.gpu_fault)
             await kube_nodes.quarantine_node(name, node.gpu_fault, fatal, rfc3339(now))
-            state.assumed[name] = (True, time.time())
+            quarantine_writes[name] = (True, time.time())
             metrics.remediations_total.labels(*labels, "cordon", node.gpu_fault).inc()
             kopf.warn(body, reason="NodeQuarantined",
                       message=f"pool {pool.name}: {name} cordoned and tainted {names.TAINT_GPU_ERROR} "
@@ -156,7 +138,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
 
         async def replace(name: str) -> None:
             await kube_nodes.delete_nodes([name])
-            state.deleted[name] = time.time()
+            deletes[name] = time.time()
             metrics.remediations_total.labels(*labels, "replace", by_name[name].gpu_fault).inc()
             kopf.info(body, reason="NodeReplaced",
                       message=f"pool {pool.name}: {name} ({by_name[name].gpu_fault}) drained and deleted; "
@@ -164,7 +146,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
 
         async def release(name: str) -> None:
             await kube_nodes.release_quarantine(name)
-            state.assumed[name] = (False, time.time())
+            quarantine_writes[name] = (False, time.time())
             metrics.remediations_total.labels(*labels, "uncordon", "Recovered").inc()
             kopf.info(body, reason="NodeRecovered",
                       message=f"pool {pool.name}: {name} GPUs healthy again; uncordoned")
@@ -175,6 +157,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
         await _each(plan.drain, drain)
         await _each(plan.replace, replace)
         await _each(plan.release, release)
+        state.unseen = UnseenWrites(quarantine_writes, deletes)
 
         metrics.remediation_budget_exhausted.labels(*labels).set(1 if plan.budget_exhausted else 0)
         window = [rfc3339(t) for t in sorted(recent + [now] * len(quarantined))]

@@ -16,8 +16,9 @@ push or a flapping sensor never empties a pool.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -96,3 +97,38 @@ def plan_remediation(
     waiting = tuple(n.name for n in faulty[allowed:])
     return RemediationPlan(quarantine=quarantine, drain=drain, replace=replace, release=release,
                            waiting=waiting, unavailable=unavailable + len(quarantine), allowed=allowed)
+
+
+@dataclass(frozen=True)
+class UnseenWrites:
+    """Remediation writes the node index has not shown yet: quarantines and
+    releases (node -> (quarantined, when written)) and replacement deletes
+    (node -> when). A pass that ran on the bare index before a node's next
+    watch event would quarantine, and count against the budget, the same
+    node twice."""
+
+    quarantine: Mapping[str, tuple[bool, float]] = dataclasses.field(default_factory=dict)
+    deleted: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+def overlay_unseen_writes(
+    nodes: Sequence[NodeHealth], unseen: UnseenWrites, now: float, ttl_seconds: float
+) -> tuple[list[NodeHealth], UnseenWrites]:
+    """The pool as the planner must see it: the index corrected by our writes
+    it has not shown yet, and those writes still unseen. A write is dropped
+    once the index shows it, once its node is gone, or after `ttl_seconds`
+    (someone undid it before we saw it, and the index is right)."""
+    present = {n.name for n in nodes}
+    deleted = {name: at for name, at in unseen.deleted.items()
+               if name in present and now - at <= ttl_seconds}
+    quarantine: dict[str, tuple[bool, float]] = {}
+    corrected = []
+    for node in nodes:
+        if node.name in deleted:
+            continue
+        write = unseen.quarantine.get(node.name)
+        if write is not None and write[0] != node.quarantined and now - write[1] <= ttl_seconds:
+            quarantine[node.name] = write
+            node = dataclasses.replace(node, quarantined=write[0])
+        corrected.append(node)
+    return corrected, UnseenWrites(quarantine, deleted)
