@@ -53,6 +53,7 @@ class _PoolRemediation:
 
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     unseen: UnseenWrites = dataclasses.field(default_factory=UnseenWrites)
+    draining: set[str] = dataclasses.field(default_factory=set)
     # The quarantine times this process wrote to status.remediation, so a
     # pass handed an older copy of the status (the resync's, read before a
     # long scale-up) still counts them against the window.
@@ -133,8 +134,13 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
                               f"({'fatal' if fatal else 'transient'} {node.gpu_fault})")
 
         async def drain(name: str) -> None:
-            await kube_nodes.evict_pods(name)
-            metrics.remediations_total.labels(*labels, "drain", by_name[name].gpu_fault).inc()
+            remaining = await kube_nodes.evict_pods(name)
+            if name not in state.draining:
+                state.draining.add(name)
+                metrics.remediations_total.labels(*labels, "drain", by_name[name].gpu_fault).inc()
+                kopf.info(body, reason="NodeDraining",
+                          message=f"pool {pool.name}: {name} ({by_name[name].gpu_fault}) draining; "
+                                  f"{remaining} pods asked to leave through the Eviction API")
 
         async def replace(name: str) -> None:
             await kube_nodes.delete_nodes([name])
@@ -154,6 +160,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
         # Quarantine first and alone: it is what takes the faulty GPUs out of
         # scheduling, and the rest can wait the few milliseconds.
         quarantined = await _each(plan.quarantine, quarantine)
+        state.draining &= set(plan.drain)  # the drain is retried each pass, announced once
         await _each(plan.drain, drain)
         await _each(plan.replace, replace)
         await _each(plan.release, release)
