@@ -14,6 +14,7 @@ $(BIN)/gpucluster: pyproject.toml
 
 binaries:
 	hack/build-binaries.sh
+	hack/build-kubelet.sh >/dev/null
 
 demo: $(BIN)/gpucluster binaries
 	hack/demo.sh
