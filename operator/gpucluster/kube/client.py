@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,7 +24,9 @@ def api_client() -> kubernetes.client.ApiClient:
         configuration = kubernetes.client.Configuration.get_default_copy()
     except kubernetes.config.ConfigException:
         configuration = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        # KUBECONFIG as it is now: the client reads it once, at import.
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     configuration.connection_pool_maxsize = CONCURRENCY * 2
     return kubernetes.client.ApiClient(configuration)
 

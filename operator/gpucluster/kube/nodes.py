@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,8 @@ ANNOTATION_ADOPTED_LABELS = f"{names.GROUP}/adopted-labels"
 ANNOTATION_ADOPTED_TAINTS = f"{names.GROUP}/adopted-taints"
 LABEL_ORDINAL = f"{names.GROUP}/ordinal"
 ANNOTATION_QUARANTINE = f"{names.GROUP}/quarantine"
+# Read-modify-write of a node's taints retries this often on a conflict.
+CONFLICT_RETRIES = 5
 QUARANTINE_TAINT = {"key": names.TAINT_GPU_ERROR, "value": "true", "effect": "NoSchedule"}
 
 
@@ -167,55 +169,82 @@ async def adopt_node(template: PoolNodeTemplate, node: NodeToCreate,
     wanted = {**template.gpu_labels(), **template.labels, **template.ownership_labels(node)}
     added = sorted(k for k in wanted if k not in existing_labels)
     labels = {k: v for k, v in wanted.items() if k in added or k in template.ownership_labels(node)}
-    current = await _taints(node.name)
-    present = {(t["key"], t["effect"]) for t in current}
-    added_taints = [dict(t) for t in template.taints if (t["key"], t["effect"]) not in present]
-    await patch_node(node.name, {
-        "metadata": {"labels": labels, "annotations": {
-            ANNOTATION_ADOPTED_LABELS: json.dumps(added),
-            ANNOTATION_ADOPTED_TAINTS: json.dumps(added_taints)}},
-        "spec": {"taints": current + added_taints or None},
-    })
+
+    def adoption(current: Mapping[str, Any]) -> dict[str, Any]:
+        taints = _taints_of(current)
+        present = {(t["key"], t["effect"]) for t in taints}
+        added_taints = [dict(t) for t in template.taints if (t["key"], t["effect"]) not in present]
+        return {
+            "metadata": {"labels": labels, "annotations": {
+                ANNOTATION_ADOPTED_LABELS: json.dumps(added),
+                ANNOTATION_ADOPTED_TAINTS: json.dumps(added_taints)}},
+            "spec": {"taints": taints + added_taints or None},
+        }
+
+    await _patch_read_node(node.name, adoption)
 
 
-async def _taints(name: str) -> list[dict[str, str]]:
-    node = json.loads(await call_raw(core().read_node, name))
-    taints: list[dict[str, str]] = node["spec"].get("taints") or []
-    return taints
+def _taints_of(node: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list(node["spec"].get("taints") or [])
+
+
+async def _patch_read_node(name: str, patch_for: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
+    """Patches a node with what `patch_for` makes of its current state, on
+    that state's resourceVersion: a taint list is replaced whole, so a taint
+    someone else added between the read and the write must not be lost. On a
+    conflict it reads again and retries."""
+    for attempt in range(CONFLICT_RETRIES):
+        node = json.loads(await call_raw(core().read_node, name))
+        patch = patch_for(node)
+        patch.setdefault("metadata", {})["resourceVersion"] = node["metadata"]["resourceVersion"]
+        try:
+            await patch_node(name, patch)
+            return
+        except kubernetes.client.ApiException as err:
+            if status_of(err) != 409 or attempt == CONFLICT_RETRIES - 1:
+                raise
 
 
 async def release_node(name: str) -> None:
     """Gives an adopted node back as it was: the labels and taints gpucluster
     added are removed, and the node is kept."""
-    node = await call(core().read_node, name)
-    annotations = node.metadata.annotations or {}
-    added = set(json.loads(annotations.get(ANNOTATION_ADOPTED_LABELS, "[]")))
-    added_taints = {(t["key"], t["effect"])
-                    for t in json.loads(annotations.get(ANNOTATION_ADOPTED_TAINTS, "[]"))}
-    ours = {names.LABEL_CLUSTER, names.LABEL_POOL, names.LABEL_PROVIDER, names.LABEL_BLOCK,
-            names.LABEL_RACK, LABEL_ORDINAL}
-    kept_taints = [t for t in await _taints(name) if (t["key"], t["effect"]) not in added_taints]
-    await patch_node(name, {
-        "metadata": {"labels": dict.fromkeys(added | ours),
-                     "annotations": dict.fromkeys(
-                         (ANNOTATION_ADOPTED_LABELS, ANNOTATION_ADOPTED_TAINTS, ANNOTATION_DRAINING))},
-        "spec": {"taints": kept_taints or None, "unschedulable": None},
-    })
+    def release(node: Mapping[str, Any]) -> dict[str, Any]:
+        annotations = node["metadata"].get("annotations") or {}
+        added = set(json.loads(annotations.get(ANNOTATION_ADOPTED_LABELS, "[]")))
+        added_taints = {(t["key"], t["effect"])
+                        for t in json.loads(annotations.get(ANNOTATION_ADOPTED_TAINTS, "[]"))}
+        ours = {names.LABEL_CLUSTER, names.LABEL_POOL, names.LABEL_PROVIDER, names.LABEL_BLOCK,
+                names.LABEL_RACK, LABEL_ORDINAL}
+        kept_taints = [t for t in _taints_of(node) if (t["key"], t["effect"]) not in added_taints]
+        return {
+            "metadata": {"labels": dict.fromkeys(added | ours),
+                         "annotations": dict.fromkeys(
+                             (ANNOTATION_ADOPTED_LABELS, ANNOTATION_ADOPTED_TAINTS, ANNOTATION_DRAINING))},
+            "spec": {"taints": kept_taints or None, "unschedulable": None},
+        }
+
+    await _patch_read_node(name, release)
 
 
 async def quarantine_node(name: str, reason: str, fatal: bool, since: str) -> None:
     """Cordons the node and taints it nvidia.com/gpu-error, noting why."""
-    taints = [t for t in await _taints(name) if t["key"] != names.TAINT_GPU_ERROR]
-    await patch_node(name, {
-        "metadata": {"annotations": {ANNOTATION_QUARANTINE: json.dumps(
-            {"reason": reason, "fatal": fatal, "since": since})}},
-        "spec": {"unschedulable": True, "taints": [*taints, QUARANTINE_TAINT]},
-    })
+    def quarantine(node: Mapping[str, Any]) -> dict[str, Any]:
+        taints = [t for t in _taints_of(node) if t["key"] != names.TAINT_GPU_ERROR]
+        return {
+            "metadata": {"annotations": {ANNOTATION_QUARANTINE: json.dumps(
+                {"reason": reason, "fatal": fatal, "since": since})}},
+            "spec": {"unschedulable": True, "taints": [*taints, QUARANTINE_TAINT]},
+        }
+
+    await _patch_read_node(name, quarantine)
 
 
 async def release_quarantine(name: str) -> None:
-    taints = [t for t in await _taints(name) if t["key"] != names.TAINT_GPU_ERROR]
-    await patch_node(name, {
-        "metadata": {"annotations": {ANNOTATION_QUARANTINE: None}},
-        "spec": {"unschedulable": None, "taints": taints or None},
-    })
+    def release(node: Mapping[str, Any]) -> dict[str, Any]:
+        taints = [t for t in _taints_of(node) if t["key"] != names.TAINT_GPU_ERROR]
+        return {
+            "metadata": {"annotations": {ANNOTATION_QUARANTINE: None}},
+            "spec": {"unschedulable": None, "taints": taints or None},
+        }
+
+    await _patch_read_node(name, release)
