@@ -2,7 +2,10 @@
 quarantined (cordoned and tainted nvidia.com/gpu-error), p50 and p99, and the
 CPU the fleet agent spends per node, on N fake nodes.
 
-    python bench/health.py --nodes 1000 [--nodes 5000] [--faults 100]
+    python bench/health.py --nodes 1000 [--nodes 5000] [--faults 100] [--storm 0.5 --storm-budget 10%]
+
+With --storm, a fraction of the pool then fails at once against a budget:
+the line after the row says how many nodes were ever out together.
 
 The path measured is the whole product path: annotation -> fleet agent
 (fake backend) -> GPUHealthy=False on the Node -> operator's node event ->
@@ -45,13 +48,19 @@ class NodeHealthWatch:
         self.quarantined_at: dict[str, float] = {}
         self.unhealthy_at: dict[str, float] = {}
         self.healthy: set[str] = set()
+        self.out: set[str] = set()  # tainted nvidia.com/gpu-error now
+        self.most_out = 0
         watch_nodes(bench.core, selector, self._see)
 
     def _see(self, kind: str, node: dict[str, Any]) -> bool:
         name = node["metadata"]["name"]
         taints = node["spec"].get("taints") or []
-        if any(t["key"] == names.TAINT_GPU_ERROR for t in taints) and name not in self.quarantined_at:
-            self.quarantined_at[name] = time.time()
+        if kind != "DELETED" and any(t["key"] == names.TAINT_GPU_ERROR for t in taints):
+            self.quarantined_at.setdefault(name, time.time())
+            self.out.add(name)
+            self.most_out = max(self.most_out, len(self.out))
+        else:
+            self.out.discard(name)
         conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
         if conditions.get(names.CONDITION_GPU_HEALTHY) == "False" and name not in self.unhealthy_at:
             self.unhealthy_at[name] = time.time()
@@ -72,7 +81,49 @@ def wait(check: Any, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def run(bench: BenchCluster, count: int, faults: int, log_dir: Path) -> str:
+def inject(bench: BenchCluster, nodes: list[str], spacing_s: float) -> dict[str, float]:
+    """XID 79 on one GPU of each node; returns when each was injected."""
+    injected: dict[str, float] = {}
+    for index, node in enumerate(nodes):
+        injected[node] = time.time()
+        reply = bench.core.patch_node(node, {"metadata": {"annotations": {
+            "gpucluster.dev/inject-fault": f"gpu={index % 8},xid=79"}}}, _preload_content=False)
+        reply.drain_conn()  # read to the end, so that the next call can reuse the connection
+        reply.release_conn()
+        time.sleep(spacing_s)
+    return injected
+
+
+def storm(bench: BenchCluster, cluster: str, count: int, watch: NodeHealthWatch, fraction: float,
+          budget: str) -> str:
+    """Faults on `fraction` of the healthy nodes, as fast as one client
+    writes them, against a pool budget of `budget`: how many nodes are ever
+    out at once, and how long until the budget is used up."""
+    bench.kubectl("patch", "tc", cluster, "--type=json", "-p", json.dumps([{
+        "op": "replace", "path": "/spec/pools/0/remediation/maxUnavailable",
+        "value": int(budget) if budget.isdigit() else budget}]))
+    allowed = int(budget) if budget.isdigit() else max(1, count * int(budget.rstrip("%")) // 100)
+    out_before = len(watch.out)
+    healthy = sorted(watch.healthy - watch.out)
+    targets = healthy[:: max(1, round(1 / fraction))][: int(len(healthy) * fraction)]
+    watch.most_out = len(watch.out)
+    started = time.time()
+    inject(bench, targets, 0)
+    injected_s = time.time() - started
+    wait(lambda: len(watch.out) >= allowed, 300, f"{allowed} nodes out")
+    full_s = time.time() - started
+    time.sleep(30)  # the storm keeps knocking: nothing more may go out
+    status = json.loads(bench.kubectl("get", "tc", cluster, "-o", "json"))["status"]
+    waiting = len((status.get("remediation") or {}).get("h100", {}).get("waiting") or [])
+    degraded = next((c for c in status.get("conditions") or [] if c["type"] == "Degraded"), {})
+    return (f"storm: {len(targets)} faults on {count} nodes ({out_before} already out) in {injected_s:.1f} s, "
+            f"budget {budget} = {allowed} out: most out at once {watch.most_out}, budget full after "
+            f"{full_s:.1f} s, {waiting} reported waiting, Degraded={degraded.get('status')} "
+            f"({degraded.get('reason')})")
+
+
+def run(bench: BenchCluster, count: int, faults: int, log_dir: Path, storm_fraction: float,
+        storm_budget: str) -> str:
     cluster = f"health{count}"
     operator = bench.gpucluster("run", "--metrics-port", "0", "--liveness-port", "0",
                                 log=log_dir / f"operator-{count}.log")
@@ -93,15 +144,11 @@ def run(bench: BenchCluster, count: int, faults: int, log_dir: Path) -> str:
 
         print(f"{count} nodes healthy; injecting faults", file=sys.stderr, flush=True)
         targets = sorted(watch.healthy)[:: max(1, count // faults)][:faults]
-        injected: dict[str, float] = {}
-        for index, node in enumerate(targets):
-            injected[node] = time.time()
-            bench.core.patch_node(node, {"metadata": {"annotations": {
-                "gpucluster.dev/inject-fault": f"gpu={index % 8},xid=79"}}}, _preload_content=False)
-            time.sleep(0.1)
+        injected = inject(bench, targets, 0.1)
         wait(lambda: all(n in watch.quarantined_at for n in targets), 300, "every faulty node quarantined")
         latencies = [watch.quarantined_at[n] - injected[n] for n in targets]
         agent_part = [watch.unhealthy_at.get(n, watch.quarantined_at[n]) - injected[n] for n in targets]
+        storm_line = storm(bench, cluster, count, watch, storm_fraction, storm_budget) if storm_fraction else ""
         bench.kubectl("delete", "tc", cluster, "--timeout=900s")
     finally:
         for process in (operator, agent):
@@ -110,13 +157,18 @@ def run(bench: BenchCluster, count: int, faults: int, log_dir: Path) -> str:
     return (f"{count:>6} {len(latencies):>7} {statistics.median(latencies):>8.2f} "
             f"{percentile(latencies, 0.99):>8.2f} {max(latencies):>8.2f} "
             f"{steady * 100:>12.1f} {steady / count * 1e6:>14.0f} "
-            f"{statistics.median(agent_part):>14.2f} {percentile(agent_part, 0.99):>14.2f}")
+            f"{statistics.median(agent_part):>14.2f} {percentile(agent_part, 0.99):>14.2f}"
+            + (f"\n  {storm_line}" if storm_line else ""))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, action="append")
     parser.add_argument("--faults", type=int, default=100, help="faults injected per run (0.1 s apart)")
+    parser.add_argument("--storm", type=float, default=0.0, metavar="FRACTION",
+                        help="then fault this fraction of the healthy nodes at once (0.5: half the pool)")
+    parser.add_argument("--storm-budget", default="10%",
+                        help="the pool's remediation.maxUnavailable during the storm (count or percent)")
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-bench-health-"))
     with bench_cluster("bench-health") as bench:
@@ -124,7 +176,7 @@ def main() -> int:
               f"{'agent %core':>12} {'agent µs/node/s':>14} {'to condition p50':>14} "
               f"{'to condition p99':>14}", flush=True)
         for count in args.nodes or [1000]:
-            print(run(bench, count, args.faults, log_dir), flush=True)
+            print(run(bench, count, args.faults, log_dir, args.storm, args.storm_budget), flush=True)
     print(f"(logs: {log_dir})")
     return 0
 
