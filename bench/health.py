@@ -27,6 +27,7 @@ from typing import Any
 
 from common import BenchCluster, bench_cluster, watch_nodes
 from gpucluster import names
+from gpucluster.kube.client import read_reply
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -86,10 +87,8 @@ def inject(bench: BenchCluster, nodes: list[str], spacing_s: float) -> dict[str,
     injected: dict[str, float] = {}
     for index, node in enumerate(nodes):
         injected[node] = time.time()
-        reply = bench.core.patch_node(node, {"metadata": {"annotations": {
-            "gpucluster.dev/inject-fault": f"gpu={index % 8},xid=79"}}}, _preload_content=False)
-        reply.drain_conn()  # read to the end, so that the next call can reuse the connection
-        reply.release_conn()
+        read_reply(bench.core.patch_node(node, {"metadata": {"annotations": {
+            "gpucluster.dev/inject-fault": f"gpu={index % 8},xid=79"}}}, _preload_content=False))
         time.sleep(spacing_s)
     return injected
 

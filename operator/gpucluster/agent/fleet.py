@@ -45,6 +45,7 @@ from gpucluster.agent.nodestatus import (
     gpu_condition_of,
     node_matches,
 )
+from gpucluster.kube.client import read_reply
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_KWOK_NODE,
@@ -370,10 +371,7 @@ class NodeWatcher:
                 label_selector=self._selector, limit=self._page_size,
                 _continue=token, _preload_content=False,
             )
-            try:
-                page = json.loads(response.data)
-            finally:
-                response.release_conn()
+            page = json.loads(read_reply(response))
             nodes.extend(page.get("items") or [])
             token = page["metadata"].get("continue")
             if not token:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import kubernetes
 
+from gpucluster.kube.client import read_reply
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_UNHEALTHY_GPUS,
@@ -127,31 +128,22 @@ class KubeNodeClient:
         self.core = core
 
     def get(self, name: str) -> dict[str, Any]:
-        return _json_body(self.core.read_node(name, _preload_content=False))
+        body: dict[str, Any] = json.loads(read_reply(self.core.read_node(name, _preload_content=False)))
+        return body
 
     def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str:
         response: Any = self.core.patch_node(
             name, {"metadata": {"annotations": dict(changes)}},
             _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
         )
-        return str(_json_body(response)["metadata"]["resourceVersion"])
+        return str(json.loads(read_reply(response))["metadata"]["resourceVersion"])
 
     def patch_condition(self, name: str, condition: Mapping[str, str]) -> str:
         response: Any = self.core.patch_node_status(
             name, {"status": {"conditions": [dict(condition)]}},
             _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
         )
-        return str(_json_body(response)["metadata"]["resourceVersion"])
-
-
-def _json_body(response: Any) -> dict[str, Any]:
-    """The body of a call made without preloading (the client then returns the
-    raw HTTP response, and still raises ApiException for an error status)."""
-    try:
-        body: dict[str, Any] = json.loads(response.data)
-        return body
-    finally:
-        response.release_conn()
+        return str(json.loads(read_reply(response))["metadata"]["resourceVersion"])
 
 
 def connect(

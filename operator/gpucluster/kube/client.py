@@ -54,18 +54,20 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 async def call_raw(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
     """One client call whose reply body is returned unparsed: the client's
-    model decoding of a Node costs more than the request. The body is read and
-    the connection handed back to the pool in the worker thread; a reply left
-    unread keeps its connection, and the next call opens a new TLS session."""
-    def run() -> bytes:
-        response = fn(*args, _preload_content=False, **kwargs)
-        try:
-            return bytes(response.data)
-        finally:
-            response.release_conn()
-
+    model decoding of a Node costs more than the request."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor(), run)
+    return await loop.run_in_executor(_executor(), lambda: read_reply(fn(*args, _preload_content=False, **kwargs)))
+
+
+def read_reply(response: Any) -> bytes:
+    """The whole body of a reply made without preloading (the client then
+    returns the raw HTTP response, and still raises ApiException for an error
+    status), its connection handed back to the pool. A reply left unread
+    keeps its connection, and the next call opens a new TLS session."""
+    try:
+        return bytes(response.data)
+    finally:
+        response.release_conn()
 
 
 def status_of(err: BaseException) -> int | None:
