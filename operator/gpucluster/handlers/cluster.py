@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
-import kubernetes
 import pydantic
 
 from gpucluster import metrics, names
@@ -22,7 +21,8 @@ from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
 from gpucluster.handlers.remediation import forget_cluster, remediate_pool
 from gpucluster.kube import nodes as kube_nodes
-from gpucluster.kube.client import call, core, custom, status_of
+from gpucluster.kube.client import call, core, custom
+from gpucluster.kube.clusters import read_cluster
 from gpucluster.planning.conditions import ConditionUpdate, merge_conditions
 from gpucluster.planning.pools import (
     ObservedNode,
@@ -56,16 +56,6 @@ def template_of(shape: PoolShape, pool: api.NodePool) -> kube_nodes.PoolNodeTemp
     )
 
 
-async def _read_cluster(name: str) -> Any:
-    try:
-        return await call(custom().get_cluster_custom_object, names.GROUP, names.VERSION,
-                          api.PLURAL, name)
-    except kubernetes.client.ApiException as err:
-        if status_of(err) == 404:
-            return None
-        raise
-
-
 async def _static_candidates(pool: api.NodePool) -> list[StaticCandidate]:
     selector = ",".join(f"{k}={v}" for k, v in sorted((pool.nodeSelector or {}).items()))
     found = await call(core().list_node, label_selector=selector)
@@ -88,7 +78,7 @@ async def _apply(body: Any, shape: PoolShape, pool: api.NodePool, plan: PoolPlan
     errors: list[str] = []
     for start in range(0, len(plan.create), CREATE_BATCH):
         batch = plan.create[start:start + CREATE_BATCH]
-        if start and (await _read_cluster(shape.cluster) or {}).get("metadata", {}).get(
+        if start and (await read_cluster(shape.cluster) or {}).get("metadata", {}).get(
                 "generation") != body["metadata"]["generation"]:
             raise _SpecChanged()
         batch_errors = await kube_nodes.create_nodes([template.kwok_node(n) for n in batch])
@@ -243,7 +233,7 @@ async def reconcile(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
 
 async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
                           pods_by_node: kopf.Index[str, str], logger: Any) -> None:
-    body = await _read_cluster(name)
+    body = await read_cluster(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
     try:

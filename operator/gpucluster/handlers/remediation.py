@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import kopf
-import kubernetes
 
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, custom, status_of
+from gpucluster.kube.clusters import read_cluster
 from gpucluster.planning.health import reason_is_fatal
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.planning.remediation import (
@@ -191,28 +191,19 @@ async def _passes(cluster: str, pool_name: str, state: _PoolRemediation,
     while state.pass_wanted:
         state.pass_wanted = False
         try:
-            body: Any = await call(custom().get_cluster_custom_object, names.GROUP, names.VERSION, api.PLURAL,
-                                   cluster)
-            if body["metadata"].get("deletionTimestamp"):
-                return
+            body = await read_cluster(cluster)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return  # the cluster is being deleted with its nodes
             spec = api.TrainingClusterSpec.model_validate(body["spec"])
             pool = next((p for p in spec.pools if p.name == pool_name), None)
             if pool is None:
                 return
             await remediate_pool(body, pool, owned_nodes(nodes_by_cluster, pods_by_node, cluster,
                                                          pool_name).get(pool_name, []))
-        except kubernetes.client.ApiException as err:
-            if status_of(err) == 404:
-                return  # the cluster is being deleted with its nodes
-            _pass_failed(cluster, pool_name, err)
         except Exception as err:
-            _pass_failed(cluster, pool_name, err)
-
-
-def _pass_failed(cluster: str, pool_name: str, err: Exception) -> None:
-    # Not retried here: the cluster resync runs this pool again within seconds.
-    metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()
-    log.error("remediation pass of %s/%s failed: %s", cluster, pool_name, err, exc_info=err)
+            # Not retried here: the cluster resync runs this pool again within seconds.
+            metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()
+            log.exception("remediation pass of %s/%s failed", cluster, pool_name)
 
 
 def _needs_attention(body: Any, **_: Any) -> bool:
