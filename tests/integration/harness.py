@@ -59,6 +59,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, and SIGKILL if it is still there after 15 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def node_ready(kubectl: Kubectl, name: str) -> bool:
+    """The node exists and its Ready condition is True."""
+    node = kubectl.run("get", "node", name, "-o", "json", check=False)
+    if node.returncode != 0:
+        return False
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in json.loads(node.stdout)["status"].get("conditions", []))
+
+
 class GpuclusterProcess:
     """A `gpucluster` subcommand as a real process, so a test can kill it mid-work."""
 
@@ -94,12 +115,7 @@ class GpuclusterProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

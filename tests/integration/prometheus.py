@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .harness import REPO_ROOT, OperatorProcess, free_port, wait_for
+from .harness import REPO_ROOT, OperatorProcess, free_port, stop_process, wait_for
 
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yaml"
 # The job names the alert rules and the dashboard select on. The chart's
@@ -112,13 +112,7 @@ class PrometheusServer:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path.exists():
@@ -188,16 +182,6 @@ def start_agent_fleet(kubeconfig: str, node_selector: str, metrics_port: int, lo
             stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture(scope="module", name="agent_metrics")
 def agent_metrics_fixture(kubeconfig: str, fleet_node_selector: str,
                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -212,7 +196,7 @@ def agent_metrics_fixture(kubeconfig: str, fleet_node_selector: str,
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module", name="prometheus")

@@ -38,7 +38,7 @@ from gpucluster.agent.fake import FakeGpuSet
 from gpucluster.agent.gpu_profile import H100_80GB_HBM3, load_profile
 from gpucluster.names import ANNOTATION_INJECT_FAULT, GPU_RESOURCE
 
-from .harness import GpuclusterProcess, Kubectl, free_port, wait_for
+from .harness import GpuclusterProcess, Kubectl, free_port, node_ready, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -140,28 +140,17 @@ class RealKubelet:
         return self.kubelet is not None and self.kubelet.poll() is not None
 
     def stop_kubelet(self) -> None:
-        _terminate(self.kubelet)
+        stop_process(self.kubelet)
         self.kubelet = None
 
     def stop(self) -> None:
         self.stop_kubelet()
-        _terminate(self.fakecri)
+        stop_process(self.fakecri)
         self.fakecri = None
 
     def checkpoint(self) -> dict[str, Any]:
         path = self.plugin_dir / CHECKPOINT
         return dict(json.loads(path.read_text())["Data"]) if path.exists() else {}
-
-
-def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def _skip_reason(bin_dir: Path, pki: Path) -> str | None:
@@ -222,7 +211,7 @@ def real_kubelet(cluster: devcluster.ClusterState, kubectl: Kubectl,
     try:
         kubelet.start_fakecri()
         kubelet.start_kubelet()
-        wait_for(lambda: _ready(kubectl), timeout=60,
+        wait_for(lambda: node_ready(kubectl, NODE), timeout=60,
                  what=f"node {NODE} Ready; kubelet log: {kubelet.log_path}")
         yield kubelet
     finally:
@@ -241,14 +230,6 @@ def plugin(real_kubelet: RealKubelet, kubeconfig: str) -> Iterator[DevicePluginP
         yield proc
     finally:
         proc.stop()
-
-
-def _ready(kubectl: Kubectl) -> bool:
-    node = kubectl.run("get", "node", NODE, "-o", "json", check=False)
-    if node.returncode != 0:
-        return False
-    conditions = json.loads(node.stdout)["status"].get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def _gpus(kubectl: Kubectl) -> tuple[str | None, str | None]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Kubectl, wait_for
+from .harness import Kubectl, node_ready, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +49,6 @@ def gpu_pod(name: str, node_name: str, gpus: int = 8) -> dict[str, object]:
                             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
         },
     }
-
-
-def node_ready(kubectl: Kubectl, name: str) -> bool:
-    node = kubectl.get("node", name)
-    return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in node["status"].get("conditions", []))
 
 
 def test_kwok_h100_node_becomes_ready_with_gfd_labels(kubectl: Kubectl) -> None:
