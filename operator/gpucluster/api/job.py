@@ -3,11 +3,12 @@ topology, queued by priority, restarted as a gang. Namespaced, short name `tj`."
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 from pydantic.config import JsonDict
+
+from gpucluster.planning.jobs import Phase
 
 from .common import DNS_LABEL_PATTERN, CamelModel, Condition
 from .gpus import GPUProduct
@@ -21,15 +22,6 @@ MAX_WORKERS = 8192
 DEFAULT_MASTER_PORT = 29500
 
 _PRESERVE: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
-
-
-class JobPhase(StrEnum):
-    QUEUED = "Queued"
-    ADMITTED = "Admitted"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
 
 
 class JobTopology(CamelModel):
@@ -111,7 +103,7 @@ class TrainingJobSpec(CamelModel):
 
 
 class TrainingJobStatus(CamelModel):
-    phase: JobPhase = Field(default=JobPhase.QUEUED,
+    phase: Phase = Field(default=Phase.QUEUED,
                             description="Queued, Admitted, Running, Restarting, Succeeded or Failed.")
     reason: str = Field(default="", description="Why the job is in its phase, one CamelCase word.")
     message: str = Field(default="", description="Details for a person.")
