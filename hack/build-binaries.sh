@@ -60,7 +60,7 @@ GOSRC
     go get "go.etcd.io/etcd/server/v3@$(go list -m -f '{{.Version}}' go.etcd.io/etcd/client/v3)"
     go mod tidy
   fi
-  go build -p 2 -ldflags="$ldflags" -o "$BIN_DIR/" \
+  go build -p 2 -ldflags="$ldflags $(kube_version_ldflags)" -o "$BIN_DIR/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler \

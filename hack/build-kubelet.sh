@@ -35,11 +35,7 @@ if [[ ! -x "$BIN_DIR/kubelet" ]]; then
       printf '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/kubelet"\n' > tools.go
       go mod tidy
     fi
-    # Without the version stamp the Node would report v0.0.0-master.
-    minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
-    ver="k8s.io/component-base/version"
-    nice -n 10 go build -p 2 -o "$BIN_DIR/kubelet" \
-      -ldflags="-s -w -X $ver.gitVersion=$KUBERNETES_VERSION -X $ver.gitMajor=1 -X $ver.gitMinor=$minor" \
+    nice -n 10 go build -p 2 -o "$BIN_DIR/kubelet" -ldflags="-s -w $(kube_version_ldflags)" \
       k8s.io/kubernetes/cmd/kubelet
   )
   echo "built kubelet in $((SECONDS - start)) s" >&2
