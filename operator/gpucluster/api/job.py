@@ -20,6 +20,9 @@ PLURAL = "trainingjobs"
 MAX_JOB_NAME = 40
 MAX_WORKERS = 8192
 DEFAULT_MASTER_PORT = 29500
+# Kubelets miss a status update now and then at this scale; a restart of a
+# gang throws away its progress since the last checkpoint.
+DEFAULT_NODE_FAILURE_GRACE_S = 60
 
 _PRESERVE: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 
@@ -96,6 +99,11 @@ class TrainingJobSpec(CamelModel):
     topology: JobTopology | None = Field(default=None, description="Placement constraint; none by default.")
     maxRestarts: int = Field(default=3, ge=0, le=1000,
                              description="Gang restarts allowed after a worker or node fails; then Failed.")
+    nodeFailureGraceSeconds: int = Field(
+        default=DEFAULT_NODE_FAILURE_GRACE_S, ge=0, le=3600,
+        description="How long a node of the running gang may be NotReady or Unknown, or report a "
+                    "transient GPU fault, before the gang restarts without it. A node deleted or a "
+                    "fatal GPU fault restarts the gang at once. 0 restarts on the first sign.")
     activeDeadlineSeconds: int | None = Field(
         default=None, ge=1, description="Run time limit from admission; past it the job is Failed.")
     masterPort: int = Field(default=DEFAULT_MASTER_PORT, ge=1, le=65535,
