@@ -72,9 +72,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run_operator(args: argparse.Namespace) -> int:
     # Imported for their decorators: this registers every handler and index.
-    from gpucluster import handlers
-
-    handlers.jobs.served_namespaces[:] = args.namespace
+    from gpucluster import handlers  # noqa: F401
+    from gpucluster.handlers.state import OperatorState
 
     kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
     logging.getLogger("kopf.objects").addFilter(_QuietTimers())
@@ -87,5 +86,6 @@ def run_operator(args: argparse.Namespace) -> int:
         standalone=args.peering is None,
         peering_name=args.peering,
         priority=args.priority if args.priority is not None else time.time_ns() // 1_000_000,
+        memo=kopf.Memo(state=OperatorState(served_namespaces=tuple(args.namespace))),
     ))
     return 0

@@ -1,11 +1,10 @@
-"""Gang lifecycle, submission checks and the admission snapshot."""
+"""Submission checks, the torchrun environment and the admission snapshot."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from gpucluster.planning.jobs import (
-    Action,
     JobShape,
     JobView,
     Phase,
@@ -14,10 +13,9 @@ from gpucluster.planning.jobs import (
     WorkerPod,
     admission_inputs,
     choose_pool,
-    judge_gang,
-    torchrun_env,
 )
 from gpucluster.planning.pools import ObservedNode
+from gpucluster.planning.torchrun import torchrun_env
 
 NODES = {n: ObservedNode(name=n, pool="h100", ordinal=i, block="b000", rack=f"r{i // 2}")
          for i, n in enumerate(["n0", "n1", "n2", "n3"])}
@@ -34,43 +32,6 @@ def pod(rank: int, phase: str = "Running", attempt: int = 1, **extra: object) ->
     base = WorkerPod(name=f"job-{attempt}-{rank}", job_key="ns/job", attempt=attempt, rank=rank,
                      node=f"n{rank}", phase=phase, gpus=8)
     return dataclasses.replace(base, **extra)  # type: ignore[arg-type]
-
-
-def test_all_running_marks_running_and_all_succeeded_succeeds() -> None:
-    assert judge_gang(gang(Phase.ADMITTED), [pod(0), pod(1)], NODES, 110).action is Action.MARK_RUNNING
-    assert judge_gang(gang(Phase.ADMITTED), [pod(0)], NODES, 110).action is Action.NONE
-    done = judge_gang(gang(), [pod(0, "Succeeded"), pod(1, "Succeeded")], NODES, 110)
-    assert done.action is Action.SUCCEED
-
-
-def test_one_failed_worker_restarts_the_gang_avoiding_its_node() -> None:
-    verdict = judge_gang(gang(), [pod(0), pod(1, "Failed", exit_code=1)], NODES, 110)
-    assert verdict.action is Action.RESTART and verdict.exclude == {"n1"}
-    assert "rank 1" in verdict.message and "exit code 1" in verdict.message
-
-
-def test_pods_of_an_older_attempt_are_ignored() -> None:
-    verdict = judge_gang(gang(), [pod(0), pod(1), pod(1, "Failed", attempt=0)], NODES, 110)
-    assert verdict.action is Action.NONE
-
-
-def test_node_not_ready_or_unhealthy_restarts() -> None:
-    nodes = {**NODES, "n0": dataclasses.replace(NODES["n0"], ready=False)}
-    verdict = judge_gang(gang(), [pod(0), pod(1)], nodes, 110)
-    assert (verdict.action, verdict.reason, verdict.exclude) == (Action.RESTART, "NodeFailed", {"n0"})
-    nodes = {**NODES, "n1": dataclasses.replace(NODES["n1"], gpu_healthy=False)}
-    assert "unhealthy GPUs" in judge_gang(gang(), [pod(0), pod(1)], nodes, 110).message
-
-
-def test_lost_pod_restarts_and_restarts_run_out() -> None:
-    assert judge_gang(gang(), [pod(0)], NODES, 110).reason == "WorkerLost"
-    spent = judge_gang(gang(restarts=2), [pod(0), pod(1, "Failed")], NODES, 110)
-    assert (spent.action, spent.reason) == (Action.FAIL, "MaxRestartsExceeded")
-
-
-def test_deadline() -> None:
-    assert judge_gang(gang(deadline_seconds=5), [pod(0), pod(1)], NODES, 106).reason == "DeadlineExceeded"
-    assert judge_gang(gang(deadline_seconds=5), [pod(0), pod(1)], NODES, 104).action is Action.NONE
 
 
 POOLS = [PoolFacts("h100", "H100-80GB-HBM3", 8, 4, 2, 2), PoolFacts("h200", "H200-141GB", 4, 2, 2, 1)]
@@ -115,6 +76,19 @@ def test_admission_inputs_count_active_gangs_evicting_leftovers_and_foreign_pods
     nodes, gangs, pending = admission_inputs([running, preempted], NODES.values(), leftovers,
                                              {"h100": "H100-80GB-HBM3"}, {"n3": 2})
     assert {g.key: (dict(g.gpus_by_node), g.evicting) for g in gangs} == {
-        "ns/a": ({"n0": 8}, False), "ns/b": ({"n2": 8}, True)}
+        "ns/a": ({"n0": 8}, False), "ns/b#leftover": ({"n2": 8}, True)}
     assert [p.key for p in pending] == ["ns/b"]
     assert {n.name: n.allocatable_gpus for n in nodes}["n3"] == 6
+
+
+def test_admission_inputs_count_pods_of_old_attempts_finished_and_deleted_jobs() -> None:
+    """A GPU a pod still holds is never free, whatever became of its job."""
+    running = gang(key="ns/a", nodes=("n0",), workers=1, attempt=2)
+    failed = gang(key="ns/f", phase=Phase.FAILED, nodes=("n1",), workers=1)
+    pods = [pod(0, job_key="ns/a", node="n0", attempt=2), pod(0, job_key="ns/a", node="n3", attempt=1),
+            pod(0, job_key="ns/f", node="n1"), pod(0, job_key="ns/gone", node="n2"),
+            pod(1, job_key="ns/gone", node="n2", phase="Succeeded")]
+    _, gangs, _ = admission_inputs([running, failed], NODES.values(), pods, {"h100": "H100-80GB-HBM3"}, {})
+    assert {g.key: (dict(g.gpus_by_node), g.evicting) for g in gangs} == {
+        "ns/a": ({"n0": 8}, False), "ns/a#leftover": ({"n3": 8}, True),
+        "ns/f#leftover": ({"n1": 8}, True), "ns/gone#leftover": ({"n2": 8}, True)}

@@ -12,6 +12,7 @@ import kopf
 from gpucluster import names
 from gpucluster.kube.nodes import ANNOTATION_DRAINING, ANNOTATION_QUARANTINE, LABEL_ORDINAL
 from gpucluster.planning.pools import ObservedNode
+from gpucluster.timestamps import epoch
 
 
 def _condition_of(status: Any, kind: str) -> dict[str, Any]:
@@ -21,18 +22,27 @@ def _condition_of(status: Any, kind: str) -> dict[str, Any]:
     return {}
 
 
+def _transition_time(condition: dict[str, Any]) -> float | None:
+    stamp = condition.get("lastTransitionTime")
+    return epoch(stamp) if stamp else None
+
+
 def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: Any) -> ObservedNode:
     taints = spec.get("taints") or []
     allocatable = (status or {}).get("allocatable") or {}
     gpu_condition = _condition_of(status, names.CONDITION_GPU_HEALTHY)
+    ready_condition = _condition_of(status, "Ready")
+    ready = ready_condition.get("status") == "True"
+    gpu_fault = gpu_condition.get("status") == "False"
     return ObservedNode(
         name=name,
         pool=labels.get(names.LABEL_POOL, ""),
         ordinal=int(labels.get(LABEL_ORDINAL, "0") or 0),
-        ready=_condition_of(status, "Ready").get("status") == "True",
-        gpu_healthy=gpu_condition.get("status") != "False"
-        and not any(t.get("key") == names.TAINT_GPU_ERROR for t in taints),
-        gpu_fault=gpu_condition.get("reason", "") if gpu_condition.get("status") == "False" else "",
+        ready=ready,
+        gpu_healthy=not gpu_fault and not any(t.get("key") == names.TAINT_GPU_ERROR for t in taints),
+        gpu_fault=gpu_condition.get("reason", "") if gpu_fault else "",
+        not_ready_since=_transition_time(ready_condition) if not ready else None,
+        gpu_fault_since=_transition_time(gpu_condition) if gpu_fault else None,
         quarantined=ANNOTATION_QUARANTINE in annotations,
         cordoned=bool(spec.get("unschedulable")),
         draining=ANNOTATION_DRAINING in annotations,

@@ -1,32 +1,41 @@
 """The operator's in-memory state, one object for the whole process.
 
-Created at startup and handed to every handler through Kopf's memo (per-object
-memos are shallow copies of the operator's, so they all share this object).
-Nothing in the handlers keeps state in module globals: a test or a second
-operator in the same process starts from a clean OperatorState.
+`gpucluster run` creates it and hands it to Kopf as the operator's memo
+(`memo.state`); per-object memos are shallow copies of the operator's, so
+every handler, index filter and timer shares this one object. Nothing in the
+handlers keeps state in module globals: a second operator in the same
+process, or a test, starts from a clean OperatorState.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import fnmatch
 from typing import Any
 
-import kopf
-
-from gpucluster.planning.jobs import JobView
+from gpucluster.planning.lifecycle import Assumed
 
 
 @dataclasses.dataclass
 class OperatorState:
-    # Decisions applied but not yet seen in the job index (its watch lags the
-    # writes by a moment): the next cycle trusts these instead. Kueue calls
-    # them assumed workloads.
-    assumed_jobs: dict[str, JobView] = dataclasses.field(default_factory=dict)
+    # `gpucluster run -n GLOB ...`: TrainingJobs are served only in matching
+    # namespaces (empty: all). TrainingClusters and Nodes are cluster-scoped.
+    served_namespaces: tuple[str, ...] = ()
+    # Job decisions applied but not yet seen in the job index (its watch lags
+    # the writes by a moment): the next cycle trusts these instead. Kueue
+    # calls them assumed workloads.
+    assumed_jobs: dict[str, Assumed] = dataclasses.field(default_factory=dict)
+    # One lock per TrainingCluster serialises its admission cycle with the
+    # judging of its jobs' spec edits: one writer of a job's phase at a time.
+    job_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
 
+    def serves(self, namespace: str | None) -> bool:
+        return not self.served_namespaces or any(
+            fnmatch.fnmatchcase(namespace or "", glob) for glob in self.served_namespaces)
 
-@kopf.on.startup()
-def create_state(memo: kopf.Memo, **_: Any) -> None:
-    memo.state = OperatorState()
+    def job_lock(self, cluster: str) -> asyncio.Lock:
+        return self.job_locks.setdefault(cluster, asyncio.Lock())
 
 
 def state_of(memo: Any) -> OperatorState:

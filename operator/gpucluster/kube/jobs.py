@@ -11,7 +11,7 @@ import kubernetes
 
 from gpucluster import names
 from gpucluster.api import job as api
-from gpucluster.planning.jobs import torchrun_env
+from gpucluster.planning.torchrun import torchrun_env
 
 from .client import call, call_raw, core, custom, status_of
 

@@ -1,17 +1,12 @@
-"""A TrainingJob's life after admission, and the views the admission cycle
-is built from. Pure: the handlers gather these views from Kopf indexes and
-apply what the functions here decide.
-
-Gang semantics: the workers of one attempt live and die together. One
-failed worker, one lost pod, or one node of the gang going NotReady or
-GPU-unhealthy restarts the whole gang (a new attempt, admitted afresh,
-avoiding the nodes that failed), up to `maxRestarts`; then the job fails.
-"""
+"""The views a TrainingJob's lifecycle and the admission cycle are built
+from, the planner's snapshot, and the checks a submitted job passes once.
+Pure: the handlers gather these views from Kopf indexes; lifecycle.py decides
+what happens to each job."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from gpucluster.planning.admission_snapshot import (
@@ -37,6 +32,8 @@ class Phase(StrEnum):
 WAITING_PHASES = frozenset({Phase.QUEUED, Phase.RESTARTING})
 ACTIVE_PHASES = frozenset({Phase.ADMITTED, Phase.RUNNING})
 FINISHED_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+# The planner's key of the GPUs a job's stale pods still hold.
+LEFTOVER_SUFFIX = "#leftover"
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,8 @@ class JobView:
     arrival: float
     workers: int
     gpus_per_worker: int
-    phase: Phase
+    # None: submitted, not yet judged (no status.phase).
+    phase: Phase | None
     attempt: int = 0
     restarts: int = 0
     max_restarts: int = 3
@@ -66,6 +64,9 @@ class JobView:
     queue_position: int = 0
     workers_ready: str = ""
     reason: str = ""
+    message: str = ""
+    queued_at: float | None = None
+    node_failure_grace_s: float = 60.0
 
     @property
     def gpus(self) -> int:
@@ -106,10 +107,12 @@ def admission_inputs(
     """The planner's snapshot.
 
     A job in an active phase holds the GPUs of its placement (its pods may not
-    be in the index yet). A waiting job whose old pods still run is an
-    evicting gang: those GPUs are not free until the pods are gone. GPUs that
-    pods of no TrainingJob hold are taken off their node's allocatable, so the
-    operator and the default scheduler never promise the same GPU twice.
+    be in the index yet). Pods of any other attempt, or of a job that is no
+    longer admitted (or no longer exists), hold theirs until they are gone.
+    `pods` are every worker pod on the cluster's nodes, of known jobs or
+    not. GPUs that pods of no TrainingJob hold are taken off their node's
+    allocatable, so the operator and the default scheduler never promise the
+    same GPU twice.
     """
     snapshots = [
         NodeSnapshot(name=n.name, pool=n.pool, gpu_product=products.get(n.pool, ""),
@@ -117,12 +120,22 @@ def admission_inputs(
                      block=n.block, rack=n.rack, schedulable=node_usable(n) and not n.draining)
         for n in nodes
     ]
+    pools_of_nodes = {n.name: n.pool for n in snapshots}
+    jobs = list(jobs)
+    current = {job.key: job.attempt for job in jobs if job.phase in ACTIVE_PHASES}
+    # GPUs held by pods that are not the current attempt of an admitted gang:
+    # a gang restarting, preempted, failed or deleted whose pods still run or
+    # terminate. They are not free until the pods are gone, so they count as
+    # a gang on its way out (evicting), under a key of their own.
     leftovers: dict[str, dict[str, int]] = {}
     for pod in pods:
-        if pod.holds_gpus:
+        if pod.holds_gpus and pod.node and current.get(pod.job_key) != pod.attempt:
             held = leftovers.setdefault(pod.job_key, {})
             held[pod.node] = held.get(pod.node, 0) + pod.gpus
-    running: list[RunningGang] = []
+    running: list[RunningGang] = [
+        RunningGang(key=f"{key}{LEFTOVER_SUFFIX}", priority=0, pool=pools_of_nodes.get(next(iter(held)), ""),
+                    gpus_by_node=held, admitted_at=0.0, evicting=True)
+        for key, held in sorted(leftovers.items())]
     pending: list[PendingJob] = []
     for job in jobs:
         if job.phase in ACTIVE_PHASES:
@@ -131,10 +144,6 @@ def admission_inputs(
                 gpus_by_node=_per_node(job.nodes, job.gpus_per_worker),
                 admitted_at=job.first_admitted_at or 0.0))
         elif job.phase in WAITING_PHASES:
-            if job.key in leftovers:
-                running.append(RunningGang(key=job.key, priority=job.priority, pool=job.pool,
-                                           gpus_by_node=leftovers[job.key], admitted_at=0.0,
-                                           evicting=True))
             pending.append(PendingJob(
                 key=job.key, priority=job.priority, arrival=job.arrival, workers=job.workers,
                 gpus_per_worker=job.gpus_per_worker, pool=job.pool,
@@ -149,94 +158,6 @@ def _per_node(nodes: Sequence[str], gpus_per_worker: int) -> dict[str, int]:
     for node in nodes:
         held[node] = held.get(node, 0) + gpus_per_worker
     return held
-
-
-class Action(StrEnum):
-    NONE = "None"
-    MARK_RUNNING = "MarkRunning"
-    SUCCEED = "Succeed"
-    RESTART = "Restart"
-    FAIL = "Fail"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    action: Action
-    reason: str = ""
-    message: str = ""
-    exclude: frozenset[str] = field(default_factory=frozenset)
-    workers_running: int = 0
-
-
-def judge_gang(job: JobView, pods: Sequence[WorkerPod], nodes: Mapping[str, ObservedNode],
-               now: float) -> Verdict:
-    """What an admitted gang's pods and nodes say should happen to it now."""
-    current = {p.rank: p for p in pods if p.attempt == job.attempt and not p.terminating}
-    running = sum(1 for p in current.values() if p.phase == "Running")
-    if job.deadline_seconds is not None and job.first_admitted_at is not None \
-            and now - job.first_admitted_at > job.deadline_seconds:
-        return Verdict(Action.FAIL, "DeadlineExceeded",
-                       f"ran longer than spec.activeDeadlineSeconds={job.deadline_seconds}",
-                       workers_running=running)
-    failed = sorted((p for p in current.values() if p.phase == "Failed"), key=lambda p: p.rank)
-    if failed:
-        first = failed[0]
-        detail = f"exit code {first.exit_code}" if first.exit_code is not None else first.reason or "failed"
-        return _restart_or_fail(job, "WorkerFailed",
-                                f"rank {first.rank} ({first.name} on {first.node}) {detail}",
-                                frozenset(p.node for p in failed), running)
-    broken = sorted({n for n in job.nodes if not _node_fine(nodes.get(n))})
-    if broken:
-        node = nodes.get(broken[0])
-        why = "is gone" if node is None else "is NotReady" if not node.ready else "has unhealthy GPUs"
-        return _restart_or_fail(job, "NodeFailed", f"node {broken[0]} {why}", frozenset(broken), running)
-    if all(current.get(r) is not None and current[r].phase == "Succeeded" for r in range(job.workers)):
-        return Verdict(Action.SUCCEED, "AllWorkersSucceeded", f"all {job.workers} workers exited 0",
-                       workers_running=0)
-    if job.phase == Phase.RUNNING:
-        missing = [r for r in range(job.workers) if r not in current]
-        if missing:
-            return _restart_or_fail(job, "WorkerLost", f"the pod of rank {missing[0]} is gone",
-                                    frozenset(), running)
-    if job.phase == Phase.ADMITTED and running == job.workers:
-        return Verdict(Action.MARK_RUNNING, "AllWorkersRunning", f"{running} workers running",
-                       workers_running=running)
-    return Verdict(Action.NONE, workers_running=running)
-
-
-def _node_fine(node: ObservedNode | None) -> bool:
-    return node is not None and node.ready and node.gpu_healthy
-
-
-def _restart_or_fail(job: JobView, reason: str, message: str, exclude: frozenset[str],
-                     running: int) -> Verdict:
-    if job.restarts >= job.max_restarts:
-        return Verdict(Action.FAIL, "MaxRestartsExceeded",
-                       f"{message}; {job.restarts} of spec.maxRestarts={job.max_restarts} restarts used",
-                       workers_running=running)
-    return Verdict(Action.RESTART, reason, message, exclude, running)
-
-
-def torchrun_env(job_name: str, namespace: str, rank: int, workers: int, gpus_per_worker: int,
-                 port: int) -> list[dict[str, str]]:
-    """The rendezvous environment of one worker, in both spellings torchrun
-    reads (plain and PET_*). MASTER_ADDR is rank 0's stable DNS name through
-    the job's headless Service."""
-    master = f"{job_name}-0.{job_name}.{namespace}.svc"
-    values = {
-        "MASTER_ADDR": master,
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(workers * gpus_per_worker),
-        "NNODES": str(workers),
-        "NODE_RANK": str(rank),
-        "NPROC_PER_NODE": str(gpus_per_worker),
-        "PET_MASTER_ADDR": master,
-        "PET_MASTER_PORT": str(port),
-        "PET_NNODES": str(workers),
-        "PET_NODE_RANK": str(rank),
-        "PET_NPROC_PER_NODE": str(gpus_per_worker),
-    }
-    return [{"name": k, "value": v} for k, v in values.items()]
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,10 @@ class ObservedNode:
     rack: str = ""
     gpu_fault: str = ""
     quarantined: bool = False
+    # When Ready last left True, and when GPUHealthy last turned False
+    # (epoch seconds; None when unknown or not in that state).
+    not_ready_since: float | None = None
+    gpu_fault_since: float | None = None
 
 
 @dataclass(frozen=True)
