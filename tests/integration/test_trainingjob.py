@@ -3,6 +3,7 @@ nodes of a TrainingCluster, queues, preempts, restarts and finishes them."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -161,23 +162,76 @@ def test_worker_failure_restarts_the_gang_then_fails_after_max_restarts(
     wait_for(lambda: worker_pods(kubectl, name) == [], what="failed gang's pods removed")
 
 
-def test_node_going_not_ready_restarts_the_gang_elsewhere(kubectl: Kubectl, gpu_cluster: str) -> None:
+def test_node_down_past_the_grace_restarts_the_gang_once_elsewhere(kubectl: Kubectl, gpu_cluster: str) -> None:
     name = unique("nodefail")
-    kubectl.apply(training_job(name, gpu_cluster, workers=2))
+    kubectl.apply(training_job(name, gpu_cluster, workers=2, nodeFailureGraceSeconds=5))
     running = wait_phase(kubectl, name, "Running")
     lost = running["status"]["nodes"][0]
     set_node_ready(kubectl, lost, False)
     try:
+        unready = wait_for(lambda: phase_is(kubectl, name, "Running")
+                           if job(kubectl, name)["status"].get("reason") == "NodeUnready" else None,
+                           timeout=30, what="the gang waiting out the node's grace")
+        assert f"node {lost} is NotReady" in unready["status"]["message"]
+        assert unready["status"]["restarts"] == 0
         again = wait_for(lambda: phase_is(kubectl, name, "Running")
                          if job(kubectl, name)["status"].get("attempt") == 1 else None,
                          timeout=60, what="the gang restarted on healthy nodes")
-        assert lost not in again["status"]["nodes"]
+        assert lost not in again["status"]["nodes"] and lost in again["status"]["excludedNodes"]
         assert again["status"]["reason"] == "AllWorkersRunning"
         assert again["status"]["restarts"] == 1
         restarts = [m for r, m in job_event_messages(kubectl, name) if r == "GangRestart"]
-        assert restarts and f"node {lost} is NotReady" in restarts[0]
+        assert len(restarts) == 1 and f"node {lost} is NotReady" in restarts[0]
     finally:
         set_node_ready(kubectl, lost, True)
+
+
+def test_a_short_not_ready_blip_restarts_nothing(kubectl: Kubectl, gpu_cluster: str) -> None:
+    """Kubelets miss heartbeats; a 3 s NotReady is inside the default 60 s grace."""
+    name = unique("blip")
+    kubectl.apply(training_job(name, gpu_cluster, workers=2))
+    running = wait_phase(kubectl, name, "Running")
+    blipped = running["status"]["nodes"][1]
+    set_node_ready(kubectl, blipped, False)
+    try:
+        wait_for(lambda: job(kubectl, name)["status"].get("reason") == "NodeUnready", timeout=15,
+                 what="the operator noticing the NotReady node")
+        time.sleep(3)
+    finally:
+        set_node_ready(kubectl, blipped, True)
+    wait_for(lambda: job(kubectl, name)["status"].get("reason") == "AllWorkersRunning", timeout=60,
+             what="the gang back to AllWorkersRunning")
+    time.sleep(3)
+    after = job(kubectl, name)["status"]
+    assert (after["phase"], after["attempt"], after["restarts"]) == ("Running", 0, 0)
+    assert after["nodes"] == running["status"]["nodes"]
+    assert "GangRestart" not in job_events(kubectl, name)
+    assert {"NodeUnready", "NodeRecovered"} <= set(job_events(kubectl, name))
+
+
+def test_an_edit_that_ends_a_gang_frees_its_gpus_before_they_are_promised_again(
+        kubectl: Kubectl, gpu_cluster: str) -> None:
+    """The bug of a GPU promised twice: a running 3-worker gang's spec edited
+    into one the operator refuses; its pods must be gone before a 4-worker
+    job takes every node. A shape edit is refused by the API server."""
+    first = unique("edited")
+    kubectl.apply(training_job(first, gpu_cluster, workers=3))
+    running = wait_phase(kubectl, first, "Running")
+    refused = kubectl.run("patch", "tj", first, "-n", "default", "--type=merge",
+                          "-p", '{"spec": {"pool": "no-such-pool"}}', check=False)
+    assert refused.returncode != 0 and "immutable while the job is Admitted or Running" in refused.stderr
+    kubectl.run("patch", "tj", first, "-n", "default", "--type=merge",
+                "-p", '{"spec": {"priorityClassName": "no-such-class"}}')
+    failed = wait_phase(kubectl, first, "Failed")
+    assert failed["status"]["reason"] == "UnknownPriorityClass"
+    assert "spec.priorityClassName" in failed["status"]["message"]
+    second = unique("whole")
+    kubectl.apply(training_job(second, gpu_cluster, workers=4))
+    admitted = wait_phase(kubectl, second, "Admitted", "Running")
+    assert sorted(admitted["status"]["nodes"]) == sorted(
+        n["metadata"]["name"] for n in kubectl.get("nodes", "-l", f"gpucluster.dev/cluster={gpu_cluster}")["items"])
+    assert worker_pods(kubectl, first) == [], "the edited gang's pods are gone before its GPUs are promised again"
+    assert running["status"]["nodes"]
 
 
 def test_deadline_fails_the_job(kubectl: Kubectl, gpu_cluster: str) -> None:
