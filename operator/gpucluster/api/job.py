@@ -123,6 +123,8 @@ class TrainingJobStatus(CamelModel):
     attempt: int = Field(default=0, description="The current gang attempt; pods carry it in their names.")
     restarts: int = Field(default=0, description="Gang restarts so far.")
     nodes: list[str] = Field(default_factory=list, description="Node of each rank, rank 0 first.")
+    nodeList: str = Field(default="",
+        description="The gang's distinct nodes in Slurm's hostlist notation, e.g. h100-[0000-0031].")
     excludedNodes: list[str] = Field(default_factory=list,
         description="Nodes a restart avoids: where a worker or node failed.")
     workersReady: str = Field(default="", description="Running/total workers, e.g. 4/4.")

@@ -42,6 +42,7 @@ from typing import Any
 
 from gpucluster.planning.conditions import ConditionUpdate
 from gpucluster.planning.health import reason_is_fatal
+from gpucluster.planning.hostlist import hostlist
 from gpucluster.planning.jobs import (
     ACTIVE_PHASES,
     FINISHED_PHASES,
@@ -207,7 +208,7 @@ def _requeue(job: JobView, phase: Phase, condition: ConditionUpdate, now: float,
     attempt = job.attempt + 1
     return Transition(
         status=_status_fields(job, phase, condition.reason, condition.message, attempt=attempt,
-                              restarts=restarts, nodes=[], excludedNodes=sorted(excluded),
+                              restarts=restarts, nodes=[], nodeList="", excludedNodes=sorted(excluded),
                               workersReady=f"0/{job.workers}", gpus=0, queuedAt=_stamp(now),
                               pool=pool, priority=priority, **extra),
         condition=condition, delete_pods=True,
@@ -372,7 +373,8 @@ def _admit(job: JobView, nodes: tuple[str, ...], now: float) -> Transition:
     message = f"{job.workers} workers x {job.gpus_per_worker} GPUs on {len(distinct)} nodes"
     first = job.first_admitted_at if job.first_admitted_at is not None else now
     return Transition(
-        status=_status_fields(job, Phase.ADMITTED, "Admitted", message, nodes=list(nodes), admittedAt=_stamp(now),
+        status=_status_fields(job, Phase.ADMITTED, "Admitted", message, nodes=list(nodes),
+                              nodeList=hostlist(nodes), admittedAt=_stamp(now),
                               firstAdmittedAt=_stamp(first), queuePosition=0, gpus=job.gpus,
                               workersReady=f"0/{job.workers}"),
         condition=ConditionUpdate("Admitted", True, "Admitted", message),
