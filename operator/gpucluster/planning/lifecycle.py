@@ -36,7 +36,7 @@ gang's progress since its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,10 +426,13 @@ class Cycle:
     orphans: tuple[str, ...] = ()
 
 
-def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) -> Cycle:
+def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
+                    judge: Collection[str] | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
-    assumed by the second, as their writes will be."""
+    assumed by the second, as their writes will be. `judge` limits the
+    judging to those job keys (the simulator knows which jobs' pods, nodes
+    or clocks changed; the operator judges all)."""
     views = {v.key: v for v in jobs}
     node_by_name = {n.name: n for n in facts.nodes}
     transitions: list[tuple[JobView, Transition]] = []
@@ -443,7 +446,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) ->
 
     orphans = tuple(sorted(key for key, pods in facts.pods.items()
                            if key not in views and any(p.holds_gpus and not p.terminating for p in pods)))
-    for view in list(views.values()):
+    for view in list(views.values()) if judge is None else [views[k] for k in judge if k in views]:
         apply(view, step(view, GangObserved(facts.pods.get(view.key, ()), node_by_name), now))
     if not any(v.phase in WAITING_PHASES for v in views.values()):
         return Cycle(tuple(transitions), None, orphans)
