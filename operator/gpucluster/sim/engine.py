@@ -223,8 +223,8 @@ class Simulation:
             self._fault(now, fatal=False)
             self._next_fault(now, "transient", self.failures.transient_per_gpu_hour)
         elif kind in ("fatal-on", "transient-on"):
-            node, duration = subject.rsplit("#", 1)
-            self._fault(now, kind == "fatal-on", node, float(duration))
+            target, duration = subject.rsplit("#", 1)
+            self._fault(now, kind == "fatal-on", target, float(duration))
         elif kind == "recover":
             self.nodes[subject] = dataclasses.replace(self.nodes[subject], ready=True, not_ready_since=None)
             self._touch_node(subject)
