@@ -7,6 +7,7 @@ import sys
 
 from gpucluster import __version__, runner
 from gpucluster.agent import cli as agent_cli
+from gpucluster.sim import cli as sim_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_parser(sub)
     agent_cli.add_agent_parser(sub)
     agent_cli.add_device_plugin_parser(sub)
+    sim_cli.add_parser(sub)
     dev = sub.add_parser("dev-cluster", help="the local control plane with KWOK GPU nodes",
                          add_help=False)
     dev.set_defaults(func=None)

@@ -220,7 +220,7 @@ BAD_MANIFESTS = [
      "spec.pools[0].nodeSelector: Forbidden: nodeSelector is only for provider static"),
     ("pool name not a label value", [pool(name="H100_Pool!")], "spec.pools[0].name: Invalid value"),
     ("label value invalid", [pool(labels={"team": "not a label value"})],
-     "spec.pools[0].labels.team: Invalid value"),
+     "spec.pools[0].labels[team]: Invalid value"),
     ("unknown field", [pool(gpusPerNodes=8)], 'unknown field "spec.pools[0].gpusPerNodes"'),
 ]
 

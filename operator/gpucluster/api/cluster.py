@@ -4,11 +4,10 @@ size and kept healthy. Cluster-scoped, short name `tc`."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
 
 from pydantic import ConfigDict, Field
 
-from .common import DNS_LABEL_PATTERN, CamelModel, Condition, Taint
+from .common import DNS_LABEL_PATTERN, CamelModel, Condition, LabelValue, Taint, cel_quoted, label_keys_validation
 from .gpus import GPUProduct
 
 KIND = "TrainingCluster"
@@ -18,8 +17,6 @@ MAX_POOLS = 32
 # valid label values (63 characters) too.
 MAX_CLUSTER_NAME = 30
 MAX_POOL_NAME = 24
-
-LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
 
 
 class Provider(StrEnum):
@@ -44,19 +41,18 @@ class RemediationPolicy(CamelModel):
     """How a pool heals GPU faults: the quarantine budget (a circuit breaker
     in NVSentinel's manner) and whether fatally failed nodes are replaced."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
-        "rule": "type(self.maxUnavailable) == int ? self.maxUnavailable >= 0 "
-                ": self.maxUnavailable.matches('^[0-9]+%$')",
-        "message": "maxUnavailable must be a node count (e.g. 2) or a percent of the pool (e.g. 10%)",
-        "fieldPath": ".maxUnavailable",
-    }]})
-
     maxUnavailable: int | str = Field(
         default="10%",
         description="Most nodes of the pool out of service at once (quarantined, NotReady or missing): "
                     "a count or a percent of the pool's nodes. Past it, faulty nodes wait and the "
                     "cluster reports Degraded/RemediationBudgetExhausted.",
-        json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": 4},
+        json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": 4, "x-kubernetes-validations": [{
+            "rule": "type(self) == int ? self >= 0 : self.matches('^(100|[1-9]?[0-9])%$')",
+            "message": "must be a node count of 0 or more (e.g. 2) or a percent of the pool's nodes "
+                       "from 0% to 100% (e.g. 10%)",
+            "messageExpression": f"{cel_quoted('string(self)')} + \" is neither a node count of 0 or more "
+                                 "(e.g. 2) nor a percent of the pool's nodes from 0% to 100% (e.g. 10%)\"",
+        }]},
     )
     maxPerWindow: int = Field(
         default=0, ge=0, le=100000,
@@ -115,7 +111,7 @@ class NodePool(CamelModel):
         default=None,
         description="Labels of the existing nodes a static pool adopts. Required for static, "
         "forbidden for kwok.",
-        json_schema_extra={"minProperties": 1, "maxProperties": 32},
+        json_schema_extra={"minProperties": 1, "maxProperties": 32, **label_keys_validation()},
     )
     topology: PoolTopology = Field(
         default_factory=PoolTopology, description="Racks and blocks the nodes are grouped into."
@@ -123,7 +119,7 @@ class NodePool(CamelModel):
     labels: dict[str, LabelValue] = Field(
         default_factory=dict,
         description="Extra labels on every node of the pool.",
-        json_schema_extra={"maxProperties": 64},
+        json_schema_extra={"maxProperties": 64, **label_keys_validation()},
     )
     taints: list[Taint] = Field(
         default_factory=list,

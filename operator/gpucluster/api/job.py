@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 from pydantic.config import JsonDict
 
-from gpucluster.planning.jobs import Phase
+from gpucluster.planning.jobs import ACTIVE_PHASES, Phase
 
 from .common import DNS_LABEL_PATTERN, CamelModel, Condition
 from .gpus import GPUProduct
@@ -123,6 +123,8 @@ class TrainingJobStatus(CamelModel):
     attempt: int = Field(default=0, description="The current gang attempt; pods carry it in their names.")
     restarts: int = Field(default=0, description="Gang restarts so far.")
     nodes: list[str] = Field(default_factory=list, description="Node of each rank, rank 0 first.")
+    nodeList: str = Field(default="",
+        description="The gang's distinct nodes in Slurm's hostlist notation, e.g. h100-[0000-0031].")
     excludedNodes: list[str] = Field(default_factory=list,
         description="Nodes a restart avoids: where a worker or node failed.")
     workersReady: str = Field(default="", description="Running/total workers, e.g. 4/4.")
@@ -136,17 +138,35 @@ class TrainingJobStatus(CamelModel):
     conditions: list[Condition] = Field(default_factory=list, description="Admitted, Running and Finished.")
 
 
+def _unchanged(field: str) -> str:
+    """CEL: the optional spec.`field` is as it was. Spelt with has(): the API
+    server's cost estimate takes `self.spec.?field == oldSelf.spec.?field`
+    for unbounded."""
+    return (f"has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
+            f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field})")
+
+
 class TrainingJob(CamelModel):
     """A distributed training run: `workers` pods of `gpusPerWorker` GPUs each,
     admitted all-or-nothing on one pool of a TrainingCluster, placed by
     topology, queued by priority, restarted as a gang on failure, with the
     torchrun environment set."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
-        "rule": f"self.metadata.name.size() <= {MAX_JOB_NAME} && self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
-        "message": f"metadata.name must be a DNS label of at most {MAX_JOB_NAME} characters: worker "
-                   "hostnames are <name>-<rank>",
-    }]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": f"self.metadata.name.size() <= {MAX_JOB_NAME} && self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+         "message": f"metadata.name must be a DNS label of at most {MAX_JOB_NAME} characters: worker "
+                    "hostnames are <name>-<rank>"},
+        # Where the gang runs must not move under the pods that hold its GPUs.
+        # The rule sits at the root because only there is the old status in
+        # reach; a status update leaves the spec as it was, so it passes.
+        {"rule": f"!has(oldSelf.status) || !has(oldSelf.status.phase) || "
+                 f"!(oldSelf.status.phase in {sorted(p.value for p in ACTIVE_PHASES)}) || "
+                 f"({' && '.join(_unchanged(field) for field in ('pool', 'gpu', 'topology'))})",
+         "message": "spec.pool, spec.gpu and spec.topology are immutable while the job is Admitted or Running: "
+                    "delete and recreate the job, or wait until it ends",
+         "fieldPath": ".spec",
+         "reason": "FieldValueForbidden"},
+    ]})
 
     spec: TrainingJobSpec
     status: TrainingJobStatus | None = None

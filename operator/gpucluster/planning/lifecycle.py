@@ -36,12 +36,13 @@ gang's progress since its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpucluster.planning.conditions import ConditionUpdate
 from gpucluster.planning.health import reason_is_fatal
+from gpucluster.planning.hostlist import hostlist
 from gpucluster.planning.jobs import (
     ACTIVE_PHASES,
     FINISHED_PHASES,
@@ -207,7 +208,7 @@ def _requeue(job: JobView, phase: Phase, condition: ConditionUpdate, now: float,
     attempt = job.attempt + 1
     return Transition(
         status=_status_fields(job, phase, condition.reason, condition.message, attempt=attempt,
-                              restarts=restarts, nodes=[], excludedNodes=sorted(excluded),
+                              restarts=restarts, nodes=[], nodeList="", excludedNodes=sorted(excluded),
                               workersReady=f"0/{job.workers}", gpus=0, queuedAt=_stamp(now),
                               pool=pool, priority=priority, **extra),
         condition=condition, delete_pods=True,
@@ -372,7 +373,8 @@ def _admit(job: JobView, nodes: tuple[str, ...], now: float) -> Transition:
     message = f"{job.workers} workers x {job.gpus_per_worker} GPUs on {len(distinct)} nodes"
     first = job.first_admitted_at if job.first_admitted_at is not None else now
     return Transition(
-        status=_status_fields(job, Phase.ADMITTED, "Admitted", message, nodes=list(nodes), admittedAt=_stamp(now),
+        status=_status_fields(job, Phase.ADMITTED, "Admitted", message, nodes=list(nodes),
+                              nodeList=hostlist(nodes), admittedAt=_stamp(now),
                               firstAdmittedAt=_stamp(first), queuePosition=0, gpus=job.gpus,
                               workersReady=f"0/{job.workers}"),
         condition=ConditionUpdate("Admitted", True, "Admitted", message),
@@ -424,10 +426,13 @@ class Cycle:
     orphans: tuple[str, ...] = ()
 
 
-def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) -> Cycle:
+def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
+                    judge: Collection[str] | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
-    assumed by the second, as their writes will be."""
+    assumed by the second, as their writes will be. `judge` limits the
+    judging to those job keys (the simulator knows which jobs' pods, nodes
+    or clocks changed; the operator judges all)."""
     views = {v.key: v for v in jobs}
     node_by_name = {n.name: n for n in facts.nodes}
     transitions: list[tuple[JobView, Transition]] = []
@@ -441,7 +446,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) ->
 
     orphans = tuple(sorted(key for key, pods in facts.pods.items()
                            if key not in views and any(p.holds_gpus and not p.terminating for p in pods)))
-    for view in list(views.values()):
+    for view in list(views.values()) if judge is None else [views[k] for k in judge if k in views]:
         apply(view, step(view, GangObserved(facts.pods.get(view.key, ()), node_by_name), now))
     if not any(v.phase in WAITING_PHASES for v in views.values()):
         return Cycle(tuple(transitions), None, orphans)
