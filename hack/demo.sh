@@ -58,12 +58,13 @@ echo "    agent log $state/logs/agent.log, DCGM metrics http://127.0.0.1:9400/me
 
 say "A TrainingCluster: 8 H100 and 4 H200 nodes in racks and blocks (examples/colossus.yaml)"
 kubectl apply -f "$root/examples/colossus.yaml"
-for _ in $(seq 60); do
-  printf '    nodes ready/desired: %s\r' "$(kubectl get tc colossus -o jsonpath='{.status.nodes}')"
+shown=""
+for _ in $(seq 120); do
+  now="$(kubectl get tc colossus -o jsonpath='{.status.nodes}')"
+  [[ -n "$now" && "$now" != "$shown" ]] && echo "    nodes ready/desired: $now" && shown="$now"
   [[ "$(kubectl get tc colossus -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]] && break
   sleep 1
 done
-echo
 kubectl get tc colossus
 kubectl get nodes -L nvidia.com/gpu.product,gpucluster.dev/pool,gpucluster.dev/block,gpucluster.dev/rack
 
@@ -92,7 +93,9 @@ kubectl get events --field-selector involvedObject.name=llama-pretrain --sort-by
 
 say "Metrics: the operator's gpucluster_* and the agent's dcgm-exporter DCGM_FI_DEV_* series"
 curl -s http://127.0.0.1:8080/metrics | grep -E '^gpucluster_(pool_gpus|jobs|gang_restarts_total|remediations_total)\{' | head -8
-curl -s http://127.0.0.1:9400/metrics | grep -E "^DCGM_FI_DEV_(XID_ERRORS|GPU_TEMP|POWER_USAGE)\{.*Hostname=\"$victim\"" | head -4
+for series in XID_ERRORS GPU_TEMP POWER_USAGE; do
+  curl -s http://127.0.0.1:9400/metrics | grep -E "^DCGM_FI_DEV_$series\{.*Hostname=\"$victim\"" | sort -t'"' -k8 | tail -1
+done
 
 say "gpucluster plan of a scale-up: 8 -> 12 H100 nodes, before anything is applied"
 sed 's/nodes: 8/nodes: 12/' "$root/examples/colossus.yaml" >"$state/colossus-12.yaml"
