@@ -29,6 +29,8 @@ class OperatorState:
     # One lock per TrainingCluster serialises its admission cycle with the
     # judging of its jobs' spec edits: one writer of a job's phase at a time.
     job_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
+    # Per TrainingCluster: the fingerprint of its last plan's inputs, and when.
+    last_plans: dict[str, tuple[int | None, float]] = dataclasses.field(default_factory=dict)
 
     def serves(self, namespace: str | None) -> bool:
         return not self.served_namespaces or any(

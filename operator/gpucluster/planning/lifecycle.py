@@ -424,15 +424,29 @@ class Cycle:
     # cluster's nodes: their pods are deleted now rather than whenever the
     # garbage collector gets to them, and count as held until then.
     orphans: tuple[str, ...] = ()
+    # The fingerprint of the planner's inputs (planner_inputs), when it ran or was skipped.
+    inputs: int | None = None
+
+
+def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
+    """A fingerprint of what a plan is made from: the jobs, the nodes (as
+    the index sees them: heartbeats do not change them), GPUs held by other
+    pods, and the worker pods of each job, counted."""
+    return hash((tuple(sorted(views, key=lambda v: v.key)), tuple(facts.nodes),
+                 frozenset(facts.foreign_gpus.items()),
+                 frozenset((key, len(pods), sum(p.terminating for p in pods)) for key, pods in facts.pods.items())))
 
 
 def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
-                    judge: Collection[str] | None = None) -> Cycle:
+                    judge: Collection[str] | None = None, unchanged_since: int | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
     assumed by the second, as their writes will be. `judge` limits the
     judging to those job keys (the simulator knows which jobs' pods, nodes
-    or clocks changed; the operator judges all)."""
+    or clocks changed; the operator judges all). When judging changed
+    nothing and the planner's inputs have the fingerprint
+    `unchanged_since`, the plan would be the last one again: it is skipped
+    (at 25,000 nodes a plan costs a good part of a second)."""
     views = {v.key: v for v in jobs}
     node_by_name = {n.name: n for n in facts.nodes}
     transitions: list[tuple[JobView, Transition]] = []
@@ -450,6 +464,9 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         apply(view, step(view, GangObserved(facts.pods.get(view.key, ()), node_by_name), now))
     if not any(v.phase in WAITING_PHASES for v in views.values()):
         return Cycle(tuple(transitions), None, orphans)
+    inputs = planner_inputs(views.values(), facts)
+    if not transitions and inputs == unchanged_since:
+        return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
     snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes, pods, facts.products,
                                                         facts.foreign_gpus)
@@ -471,7 +488,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         apply(view, step(view, Unplaceable(why, complete), now))
     for key, position in plan.queue_positions.items():
         apply(views[key], step(views[key], QueuePosition(position), now))
-    return Cycle(tuple(transitions), plan, orphans)
+    return Cycle(tuple(transitions), plan, orphans, inputs)
 
 
 # --- what the index shows, and what was decided -------------------------------------------------
