@@ -212,3 +212,10 @@ def test_a_plan_whose_inputs_did_not_change_is_skipped() -> None:
                          products=facts.products, desired_nodes=facts.desired_nodes)
     after = admission_cycle(jobs, freed, NOW + 2, unchanged_since=first.inputs)
     assert after.plan is not None and "ns/big" in after.plan.admissions, "the gang ended: plan again"
+
+
+def test_a_failed_job_queued_again_starts_a_new_attempt() -> None:
+    """Its old pods may still terminate: the new ones must not share their attempt (nor their names)."""
+    again = step(job(Phase.FAILED, reason="UnknownPriorityClass"), judged(("h100", 0)), NOW)
+    assert again.status["attempt"] == 2 and again.assume is not None and again.assume.attempt == 2
+    assert step(job(None, pool="", nodes=(), attempt=0), judged(("h100", 0)), NOW).status["attempt"] == 0

@@ -236,15 +236,18 @@ def _judged(job: JobView, judged: SpecJudged, now: float) -> Transition:
     pool, priority = judged.outcome
     waiting_message = f"waiting for {judged.workers} x {judged.gpus_per_worker} GPUs in pool {pool}"
     if job.phase is None or job.phase == Phase.FAILED:
-        queued = Transition(
+        # A failed job queued again starts a new attempt: pods of the one that
+        # failed may still be terminating, and pods are told apart (and named)
+        # by their attempt.
+        attempt = job.attempt + 1 if job.phase == Phase.FAILED else job.attempt
+        return Transition(
             status=_status_fields(job, Phase.QUEUED, "Queued", waiting_message, pool=pool, priority=priority,
-                                  completedAt="", gpus=0, workersReady=f"0/{judged.workers}",
-                                  queuedAt=_stamp(now), **generation),
+                                  completedAt="", gpus=0, workersReady=f"0/{judged.workers}", attempt=attempt,
+                                  nodes=[], nodeList="", queuedAt=_stamp(now), **generation),
             condition=ConditionUpdate("Admitted", False, "Queued", "waiting for GPUs"),
             note=Note("Queued", f"queued in pool {pool} at priority {priority}"),
-            assume=dataclasses.replace(job, phase=Phase.QUEUED, pool=pool, priority=priority,
-                                       reason="Queued", message=waiting_message, queued_at=now))
-        return queued
+            assume=dataclasses.replace(job, phase=Phase.QUEUED, pool=pool, priority=priority, attempt=attempt,
+                                       nodes=(), reason="Queued", message=waiting_message, queued_at=now))
     if job.phase in ACTIVE_PHASES and pool != job.pool:
         # The gang's nodes are of the old pool: end it before the job is
         # judged anew (the API server refuses such edits while admitted; this
