@@ -214,6 +214,8 @@ async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: An
     finally:
         if state.remediation.get(name) is passes:
             del state.remediation[name]
+        if stopped.reason is not None and kopf.DaemonStoppingReason.OPERATOR_PAUSING in stopped.reason:
+            state.lose_lead()
 
 
 def _needs_attention(body: Any, **_: Any) -> bool:

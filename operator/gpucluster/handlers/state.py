@@ -1,21 +1,23 @@
 """The operator's in-memory state, one object for the whole process.
 
-Created at startup and handed to every handler through Kopf's memo (per-object
-memos are shallow copies of the operator's, so they all share this object).
-Nothing in the handlers keeps state in module globals: a test or a second
-operator in the same process starts from a clean OperatorState.
+`gpucluster run` creates it and hands it to Kopf as the operator's memo
+(`memo.state`); per-object memos are shallow copies of the operator's, so
+every handler, daemon and timer shares this one object. Nothing in the
+handlers keeps state in module globals: a second operator in the same
+process, or a test, starts from a clean OperatorState.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import Any
-
-import kopf
 
 from gpucluster.planning.jobs import JobView
 from gpucluster.planning.remediation import UnseenWrites
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -60,14 +62,20 @@ class OperatorState:
     reconcile_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
     # The remediation daemons running in this replica, by TrainingCluster.
     remediation: dict[str, ClusterRemediation] = dataclasses.field(default_factory=dict)
+    # Set when peering pauses this replica after it led; the runner then
+    # stops the operator. Kopf would resume it later on indexes that never
+    # saw what was deleted meanwhile, and without waiting for them to fill
+    # again; a fresh process waits for complete indexes before it acts.
+    lead_lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def reconcile_lock(self, cluster: str) -> asyncio.Lock:
         return self.reconcile_locks.setdefault(cluster, asyncio.Lock())
 
-
-@kopf.on.startup()
-def create_state(memo: kopf.Memo, **_: Any) -> None:
-    memo.state = OperatorState()
+    def lose_lead(self) -> None:
+        if not self.lead_lost.is_set():
+            log.warning("peering paused this replica after it led; stopping, so that it comes back "
+                        "as a fresh standby instead of resuming on stale indexes")
+            self.lead_lost.set()
 
 
 def state_of(memo: Any) -> OperatorState:
