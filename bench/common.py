@@ -34,9 +34,9 @@ class BenchCluster:
         return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
                               text=True, capture_output=True, check=True).stdout
 
-    def gpucluster(self, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+    def gpucluster(self, *argv: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A `gpucluster` subcommand against this cluster, logging to `log`."""
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator")}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"), **(env or {})}
         with open(log, "wb") as out:
             return subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *argv], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
