@@ -47,6 +47,8 @@ def bench_cluster(name: str) -> Iterator[BenchCluster]:
     """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied."""
     external = os.environ.get("GPUCLUSTER_KUBECONFIG")
     state_dir = REPO / ".local-cluster" / name
+    # A run stopped with SIGTERM unwinds through the finally below.
+    devcluster.interrupt_on_sigterm()
     if not external:
         devcluster.down(state_dir)
         kubeconfig = devcluster.up(state_dir).kubeconfig

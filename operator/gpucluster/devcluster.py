@@ -385,6 +385,16 @@ def _start_all(state: ClusterState, pki: Path) -> None:
                 "creating the default service account")
 
 
+def interrupt_on_sigterm() -> None:
+    """Makes SIGTERM raise KeyboardInterrupt, as Ctrl-C does. A benchmark or a
+    test session stopped with `kill` (or by a CI timeout) then unwinds through
+    its `finally` blocks and fixtures and stops the control plane it started;
+    Python's default for SIGTERM is to die at once and leave it running."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
     """Stops every process this state folder started, by pid: SIGTERM, then
     SIGKILL after 10 s. Returns the names of those it stopped."""
@@ -417,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where certificates, kubeconfigs, logs and pids live (default: %(default)s)")
     args = parser.parse_args(argv)
     state_dir: Path = args.state_dir.resolve()
+    # An `up` stopped half-way stops what it had started.
+    interrupt_on_sigterm()
     try:
         if args.action == "build":
             print(bin_dir())
