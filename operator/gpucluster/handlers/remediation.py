@@ -193,7 +193,7 @@ async def _next_pass(passes: ClusterRemediation, stopped: kopf.DaemonStopped) ->
 
 
 # Kopf passes its indexes as keyword arguments its handler protocols do not
-# declare, hence the ignores on these decorators. The backoff lets a pass in
+# declare, hence the ignore on the decorator. The backoff lets a pass in
 # flight finish its writes when Kopf stops the daemon.
 @kopf.daemon(names.GROUP, names.VERSION, api.PLURAL, id="remediation",  # type: ignore[arg-type]
              cancellation_backoff=10.0, cancellation_timeout=1.0)
