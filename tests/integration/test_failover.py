@@ -65,8 +65,9 @@ def start_replica(replica: Replica, kubectl: Kubectl, peering: str) -> None:
     and stays so while a live peer has a higher priority: under the default
     priorities, a replica started beside a leader is its standby."""
     replica.start()
+    # Generous: a Python process's start, not the handover, on a loaded machine.
     wait_for(lambda: replica.name in (kubectl.get("clusterkopfpeering", peering).get("status") or {}),
-             timeout=30, what=f"{replica.name}'s keep-alive in {peering}; log: {replica.log_path}")
+             timeout=120, what=f"{replica.name}'s keep-alive in {peering}; log: {replica.log_path}")
 
 
 def scale(kubectl: Kubectl, name: str, nodes: int) -> None:
