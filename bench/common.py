@@ -34,9 +34,9 @@ class BenchCluster:
         return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
                               text=True, capture_output=True, check=True).stdout
 
-    def gpucluster(self, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+    def gpucluster(self, *argv: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A `gpucluster` subcommand against this cluster, logging to `log`."""
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator")}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"), **(env or {})}
         with open(log, "wb") as out:
             return subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *argv], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
@@ -48,6 +48,8 @@ def bench_cluster(name: str, extra_args: dict[str, list[str]] | None = None) -> 
     `extra_args` adds flags to its components (devcluster.up)."""
     external = os.environ.get("GPUCLUSTER_KUBECONFIG")
     state_dir = REPO / ".local-cluster" / name
+    # A run stopped with SIGTERM unwinds through the finally below.
+    devcluster.interrupt_on_sigterm()
     if not external:
         devcluster.down(state_dir)
         kubeconfig = devcluster.up(state_dir, extra_args).kubeconfig

@@ -59,6 +59,10 @@ class ClusterState:
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
 
+    @property
+    def audit_log(self) -> str:
+        return str(Path(self.state_dir) / "logs" / "audit.log")
+
     def save(self) -> None:
         (Path(self.state_dir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
 
@@ -92,6 +96,21 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
+_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+_CLIENT_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+               "extendedKeyUsage=clientAuth\n")
+
+
+def _issue(pki: Path, name: str, subject: str, extensions: str) -> None:
+    ext = pki / f"{name}.ext"
+    ext.write_text(extensions)
+    _openssl("req", *_EC_KEY, "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.csr"),
+             "-subj", subject)
+    _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
+             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "3650",
+             "-out", str(pki / f"{name}.crt"), "-extfile", str(ext))
+
+
 def _make_pki(pki: Path) -> None:
     """A CA, the API server's serving certificate, one client certificate per
     identity, and the service-account signing key pair. Made once per state
@@ -99,30 +118,17 @@ def _make_pki(pki: Path) -> None:
     if (pki / "done").exists():
         return
     pki.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
+    _openssl("req", "-x509", *_EC_KEY, "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
              "-days", "3650", "-subj", "/CN=gpucluster-local-ca")
-
-    def issue(name: str, subject: str, extensions: str) -> None:
-        ext = pki / f"{name}.ext"
-        ext.write_text(extensions)
-        _openssl("req", *ec, "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.csr"),
-                 "-subj", subject)
-        _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
-                 "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "3650",
-                 "-out", str(pki / f"{name}.crt"), "-extfile", str(ext))
-
-    issue("apiserver", "/CN=kube-apiserver",
-          "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-          "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,"
-          f"DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:{SERVICE_CLUSTER_IP}\n")
-    client_ext = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                  "extendedKeyUsage=clientAuth\n")
-    issue("admin", "/O=system:masters/CN=gpucluster-admin", client_ext)
-    issue("controller-manager", "/CN=system:kube-controller-manager", client_ext)
-    issue("scheduler", "/CN=system:kube-scheduler", client_ext)
+    _issue(pki, "apiserver", "/CN=kube-apiserver",
+           "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+           "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,"
+           f"DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:{SERVICE_CLUSTER_IP}\n")
+    _issue(pki, "admin", "/O=system:masters/CN=gpucluster-admin", _CLIENT_EXT)
+    _issue(pki, "controller-manager", "/CN=system:kube-controller-manager", _CLIENT_EXT)
+    _issue(pki, "scheduler", "/CN=system:kube-scheduler", _CLIENT_EXT)
     # KWOK plays every kubelet and patches node and pod status cluster-wide.
-    issue("kwok", "/O=system:masters/CN=kwok-controller", client_ext)
+    _issue(pki, "kwok", "/O=system:masters/CN=kwok-controller", _CLIENT_EXT)
     _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
     _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
     (pki / "done").write_text("")
@@ -141,6 +147,18 @@ def _write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
             "cluster": "gpucluster-local", "user": user}}],
         "current-context": "gpucluster-local",
     }, indent=2))
+
+
+def admin_kubeconfig_as(state: ClusterState, user: str) -> str:
+    """A kubeconfig for a cluster admin of its own name (`user`), so the
+    audit log tells its requests from everyone else's: two operator
+    replicas, say. Its certificate is made once per state folder."""
+    pki = Path(state.state_dir) / "pki"
+    if not (pki / f"{user}.crt").exists():
+        _issue(pki, user, f"/O=system:masters/CN={user}", _CLIENT_EXT)
+    path = Path(state.state_dir) / f"{user}.kubeconfig"
+    _write_kubeconfig(path, state.server, pki, user)
+    return str(path)
 
 
 def _tail(path: str, lines: int = 30) -> str:
@@ -273,9 +291,26 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, extra_args: dict[str, list[str]] | N
     return state
 
 
+# Who changed what, and when: every write but the control plane's own and
+# KWOK's (thousands of simulated kubelets' heartbeats), at metadata level.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "users": ["kwok-controller", "system:kube-controller-manager",
+                                    "system:kube-scheduler", "system:apiserver"]},
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+        {"level": "None", "verbs": ["get", "list", "watch"]},
+        {"level": "Metadata"},
+    ],
+}
+
+
 def _start_all(state: ClusterState, pki: Path) -> None:
     sd = Path(state.state_dir)
     p = state.ports
+    (sd / "audit-policy.json").write_text(json.dumps(AUDIT_POLICY, indent=2))
     etcd_url = f"http://127.0.0.1:{p['etcd']}"
     peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
     _start(state, "etcd", [
@@ -301,6 +336,8 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         "--authorization-mode=Node,RBAC", "--allow-privileged=true",
         # Room for the provisioning benchmark's thousands of concurrent writes.
         "--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000",
+        f"--audit-policy-file={sd / 'audit-policy.json'}", f"--audit-log-path={state.audit_log}",
+        "--audit-log-format=json", "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
         "--profiling=false", "--v=1",
     ])
     _wait_until(state, "kube-apiserver",
@@ -352,6 +389,16 @@ def _start_all(state: ClusterState, pki: Path) -> None:
                 "creating the default service account")
 
 
+def interrupt_on_sigterm() -> None:
+    """Makes SIGTERM raise KeyboardInterrupt, as Ctrl-C does. A benchmark or a
+    test session stopped with `kill` (or by a CI timeout) then unwinds through
+    its `finally` blocks and fixtures and stops the control plane it started;
+    Python's default for SIGTERM is to die at once and leave it running."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
     """Stops every process this state folder started, by pid: SIGTERM, then
     SIGKILL after 10 s. Returns the names of those it stopped."""
@@ -384,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where certificates, kubeconfigs, logs and pids live (default: %(default)s)")
     args = parser.parse_args(argv)
     state_dir: Path = args.state_dir.resolve()
+    # An `up` stopped half-way stops what it had started.
+    interrupt_on_sigterm()
     try:
         if args.action == "build":
             print(bin_dir())

@@ -50,6 +50,9 @@ from gpucluster.planning.pools import ObservedNode
 from gpucluster.timestamps import epoch, rfc3339
 
 CYCLE_INTERVAL_S = 1.0
+# A plan whose inputs did not change is skipped, but not for longer than
+# this: preemption ranks gangs by GPU-hours, which grow with time alone.
+REPLAN_INTERVAL_S = 30.0
 
 
 def in_served_namespace(namespace: str | None, memo: Any, **_: Any) -> bool:
@@ -278,10 +281,13 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         facts = ClusterFacts(nodes=nodes, pods=pods, products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
                              desired_nodes={p["name"]: int(p["nodes"]) for p in spec.get("pools", [])},
                              foreign_gpus=foreign)
+        last = state.last_plans.get(name)
+        fresh = last is not None and now - last[1] < REPLAN_INTERVAL_S
         started = time.perf_counter()
-        cycle = admission_cycle(views, facts, now)
+        cycle = admission_cycle(views, facts, now, unchanged_since=last[0] if last and fresh else None)
         if cycle.plan is not None:
             metrics.admission_decision_seconds.labels(name).observe(time.perf_counter() - started)
+            state.last_plans[name] = (cycle.inputs, now)
         for orphan in cycle.orphans:
             namespace, job_name = orphan.split("/", 1)
             if state.serves(namespace):
