@@ -45,7 +45,7 @@ TOPOLOGY_NAME = "gpu"
 # and each pod assigned to a node (the lowest level is the hostname).
 LEVEL_LABELS = {"block": names.LABEL_BLOCK, "rack": names.LABEL_RACK}
 NAMESPACE = "kueue-system"
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Kueue:
         # into its last-applied annotation.
         self.bench.kubectl("apply", "--server-side", "-f", str(kueue.crds))
         crds = [f"crd/{p.stem.split('_', 1)[1]}.kueue.x-k8s.io" for p in sorted(kueue.crds.glob("*.yaml"))]
-        self.bench.kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
+        self.bench.kubectl("wait", "--for=condition=Established", "--timeout=600s", *crds)
         self.bench.kubectl("create", "namespace", NAMESPACE)
         webhook_port, health_port = _free_port(), _free_port()
         self._apply_webhooks(kueue.webhooks, webhook_port, (certs / "tls.crt").read_bytes())
