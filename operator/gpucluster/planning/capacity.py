@@ -292,13 +292,13 @@ class ReleasedSlots:
     def remove(self, gang: RunningGang) -> None:
         self.add(gang, sign=-1)
 
-    def gain(self, gang: RunningGang, domain: Domain) -> int:
-        """The slots `domain` would gain if `gang` were released too."""
+    def gain(self, gang: RunningGang) -> int:
+        """The slots the pool would gain if `gang` were released too."""
         worker_gpus = self._view.worker_gpus
         gain = 0
         for name, gpus in gang.gpus_by_node.items():
             node = self._index.node(name)
-            if node is None or node.domain(domain[0]) != domain:
+            if node is None:
                 continue
             released = self._released.get(node.position, 0)
             before = self._index.capacity_if_released(node, released)

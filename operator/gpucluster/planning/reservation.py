@@ -26,8 +26,8 @@ gangs freeing the most free the most any k gangs can: the count found is
 then the fewest possible. Where gangs share nodes it is a greedy bound, and
 still exact whenever one gang would do.
 
-Cost per head: a pass over the gangs' nodes per domain they touch (a node is
-in one rack and one block), a sort of the gangs, a sort of the chosen
+Cost per head: a few passes over the gangs' nodes (each gang split into its
+parts per domain), a sort of the gangs of each domain, a sort of the chosen
 domain's nodes with room, and an index built over the head's nodes: linear
 in nodes plus gangs, up to a logarithm.
 """
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from gpucluster.planning.admission_snapshot import PendingJob, RunningGang, TopologyLevel
 from gpucluster.planning.capacity import CapacityIndex, Domain, IndexedNode, ReleasedSlots
@@ -121,18 +122,19 @@ def _nodes_for(
 def _gangs_by_domain(
     index: CapacityIndex, level: TopologyLevel | None, gangs: Iterable[RunningGang]
 ) -> dict[Domain, list[RunningGang]]:
-    """The gangs to wait for (not evicting) holding GPUs in each domain."""
+    """Per domain, the part in it of each gang to wait for (not evicting):
+    what its end frees there."""
     by_domain: dict[Domain, list[RunningGang]] = defaultdict(list)
     for gang in gangs:
         if gang.evicting:
             continue
-        domains = {
-            node.domain(level)
-            for node in (index.node(name) for name in gang.gpus_by_node)
-            if node is not None
-        }
-        for domain in domains:
-            by_domain[domain].append(gang)
+        parts: dict[Domain, dict[str, int]] = defaultdict(dict)
+        for name, gpus in gang.gpus_by_node.items():
+            node = index.node(name)
+            if node is not None:
+                parts[node.domain(level)][name] = gpus
+        for domain, gpus_by_node in parts.items():
+            by_domain[domain].append(replace(gang, gpus_by_node=gpus_by_node))
     return by_domain
 
 
@@ -144,7 +146,7 @@ def _fewest_ends(
     it was found."""
     slots_before = released.slots(domain)
     ranked = sorted(
-        candidates, key=lambda gang: (-released.gain(gang, domain), gang.admitted_at, gang.key)
+        candidates, key=lambda gang: (-released.gain(gang), gang.admitted_at, gang.key)
     )
     ending: list[RunningGang] = []
     for gang in ranked:
