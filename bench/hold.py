@@ -141,18 +141,20 @@ def run(bench: BenchCluster, count: int, hold: float, every: float, timeout: flo
     print(HEADER, flush=True)
     first = last = sample()
     pool = ThreadPoolExecutor(CONCURRENCY)
-    pool.map(create, manifests(cluster, count))
-    pool.shutdown(wait=False)
     all_ready: Sample | None = None
-    while last.at - first.at < timeout and not (all_ready and last.at - all_ready.at >= hold):
-        time.sleep(every)
-        now = sample()
-        print(report(last, now, tally, first.at), flush=True)
-        with tally.lock:
-            if all_ready is None and len(tally.ready) == count:
-                all_ready = now
-        last = now
-    pool.shutdown(cancel_futures=True)
+    try:
+        pool.map(create, manifests(cluster, count))
+        while last.at - first.at < timeout and not (all_ready and last.at - all_ready.at >= hold):
+            time.sleep(every)
+            now = sample()
+            print(report(last, now, tally, first.at), flush=True)
+            with tally.lock:
+                if all_ready is None and len(tally.ready) == count:
+                    all_ready = now
+            last = now
+    finally:
+        # Creates still queued when it gives up (or is interrupted) are dropped.
+        pool.shutdown(wait=False, cancel_futures=True)
     with tally.lock:
         held = all_ready is not None and not tally.flapped and len(tally.ready) == count
     if all_ready is not None:
