@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-from common import BenchCluster, bench_cluster
+from common import BenchCluster, bench_cluster, cpu_seconds
 from gpucluster import devcluster, names
 from gpucluster.kube.client import read_reply
 from gpucluster.sim.trace import generate
-from health import NodeHealthWatch, cpu_seconds, inject, percentile, wait
+from health import NodeHealthWatch, inject, percentile, wait
 from provision import raw_create, wait_gone
 
 H100_SHARE = 0.75

@@ -1,5 +1,6 @@
 """What the cluster benchmarks share: a local control plane with the CRDs
-applied, kubectl and a client on it, and a raw node watch."""
+applied, kubectl and a client on it, a raw node watch, and the CPU time of
+a process."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ sys.path.insert(0, str(REPO / "operator"))
 from gpucluster import devcluster  # noqa: E402
 from gpucluster.kube.client import CONCURRENCY  # noqa: E402
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class BenchCluster:
     kubeconfig: str
     core: kubernetes.client.CoreV1Api
     kubectl_bin: str
+    state_dir: Path
 
     def kubectl(self, *argv: str, input: str | None = None) -> str:
         return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
@@ -60,7 +64,7 @@ def bench_cluster(name: str, extra_args: dict[str, list[str]] | None = None) -> 
         kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         configuration.connection_pool_maxsize = CONCURRENCY * 2
         cluster = BenchCluster(kubeconfig, kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration)),
-                               str(devcluster.bin_dir() / "kubectl"))
+                               str(devcluster.bin_dir() / "kubectl"), Path(kubeconfig).parent)
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd", "--all")
         yield cluster
@@ -121,3 +125,9 @@ def _chunks(stream: Any) -> Iterator[bytes]:
         yield from stream.stream(1 << 16)
     except urllib3.exceptions.HTTPError:
         return
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS

@@ -6,6 +6,32 @@ certificates made here, RBAC on, and every port picked free at start so two
 checkouts can run side by side. It is the embedded default of the demo and
 of the integration tests: no Docker and no existing cluster needed.
 
+Nodes stay Ready the way kubelets keep them Ready, so that the operator
+sees the Node traffic of a real cluster (`hack/kwok.yaml` is KWOK's
+configuration; `bench/hold.py` measures what it costs):
+- KWOK renews each node's Lease every 10 s (a quarter of its 40 s
+  duration, as the kubelet does).
+- The controller manager marks a node NotReady when neither its Lease nor
+  its status moved for 600 s (checked every 5 s), not Kubernetes' 50 s:
+  past the longest status interval, so that either keeps a node Ready. On 2
+  shared cores the API server can't take thousands of renewals every 10 s,
+  and KWOK serves new nodes' Leases before renewals: with 50 s, 2,000 nodes
+  created at once flapped from about 450 Ready on (`bench/hold.py`, at a
+  load of 22). A KWOK that stops is still noticed, after 10 minutes; tests
+  that need a node down say so (below).
+- The Node status is posted by a heartbeat Stage 150 s to 450 s (uniformly)
+  after the node last changed: 300 s on average, the kubelet's report
+  interval when nothing changes, so N nodes make N / 300 status writes a
+  second (83/s at 25,000). With a spread as wide as the mean, nodes created
+  in one burst post at that rate from their first cycle on, not in lockstep.
+- Without Leases, KWOK v0.7.0 picks its heartbeat Stage meant for nodes
+  with Leases (a status post every 600 s to 610 s), so every node went
+  NotReady when the controller manager's grace (then 180 s) ran out, at any
+  node count.
+- A node annotated `kwok.x-k8s.io/status=custom` keeps the status a test
+  writes: a Stage of its own matches it and so replaces the node's pending
+  heartbeat. Removing the annotation makes it Ready again.
+
 Standard library only, so `hack/cluster.sh` works before any virtualenv.
 The binaries come from `hack/build-binaries.sh` (built once, then cached).
 """
@@ -34,6 +60,9 @@ DEFAULT_STATE_DIR = REPO_ROOT / ".local-cluster"
 READY_TIMEOUT_S = 60.0
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_CLUSTER_IP = "10.96.0.1"
+KWOK_CONFIG = REPO_ROOT / "hack" / "kwok.yaml"
+NODE_MONITOR_GRACE_PERIOD_S = 600
+NODE_MONITOR_PERIOD_S = 5
 
 
 class ClusterError(RuntimeError):
@@ -355,10 +384,8 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         f"--cluster-signing-cert-file={pki / 'ca.crt'}",
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         "--kube-api-qps=200", "--kube-api-burst=400",
-        # Thousands of simulated kubelets share 2 cores with the control
-        # plane here; a heartbeat posted late must not flip nodes to Unknown.
-        # Tests that need a node down say so explicitly (a status patch).
-        "--node-monitor-grace-period=180s", "--v=1",
+        f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD_S}s",
+        f"--node-monitor-period={NODE_MONITOR_PERIOD_S}s", "--v=1",
     ])
     _start(state, "kube-scheduler", [
         "kube-scheduler", f"--kubeconfig={sd / 'scheduler.kubeconfig'}",
@@ -368,14 +395,7 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         "--leader-elect=false", "--v=1",
     ])
     _start(state, "kwok", [
-        "kwok", f"--kubeconfig={sd / 'kwok.kubeconfig'}",
-        "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        "--manage-nodes-with-label-selector=",
-        # A node or pod carrying this annotation keeps the status a test wrote.
-        "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
-        "--disregard-status-with-label-selector=",
-        "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1",
+        "kwok", f"--kubeconfig={sd / 'kwok.kubeconfig'}", f"--config={KWOK_CONFIG}",
         f"--server-address=127.0.0.1:{p['kwok']}",
     ])
     _wait_until(state, "kube-controller-manager",

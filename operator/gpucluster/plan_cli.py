@@ -111,7 +111,7 @@ def plan_cluster(manifest: dict[str, Any], api: kubernetes.client.ApiClient) -> 
     from gpucluster.handlers.cluster import shape_of
     from gpucluster.handlers.remediation import budget_of
     from gpucluster.planning.change import LiveGang, LiveJob, PoolDeclaration, plan_change
-    from gpucluster.planning.jobs import ACTIVE_PHASES, FINISHED_PHASES, JobShape, PoolFacts
+    from gpucluster.planning.jobs import ACTIVE_PHASES, FINISHED_PHASES, JobShape
     from gpucluster.planning.pools import StaticCandidate
 
     custom: Any = kubernetes.client.CustomObjectsApi(api)
@@ -129,8 +129,7 @@ def plan_cluster(manifest: dict[str, Any], api: kubernetes.client.ApiClient) -> 
                                for n in _items(core.list_node, label_selector=selector))
         declarations.append(PoolDeclaration(
             shape=shape_of(name, pool), budget=budget_of(pool), static_candidates=candidates,
-            facts=PoolFacts(name=pool.name, gpu=pool.gpu.value, gpus_per_node=pool.gpusPerNode, nodes=pool.nodes,
-                            nodes_per_rack=pool.topology.nodesPerRack, racks_per_block=pool.topology.racksPerBlock)))
+            facts=pool.facts()))
     owned = _observed_nodes(core, name) if live is not None else {}
     gangs, jobs = [], []
     now = time.time()
@@ -167,7 +166,7 @@ def plan_cluster(manifest: dict[str, Any], api: kubernetes.client.ApiClient) -> 
 def plan_job(manifest: dict[str, Any], api: kubernetes.client.ApiClient) -> tuple[dict[str, Any], bool]:
     from gpucluster.handlers.indexes import observe_node
     from gpucluster.handlers.jobs import job_view
-    from gpucluster.planning.jobs import JobShape, PoolFacts, Problem, WorkerPod, choose_pool
+    from gpucluster.planning.jobs import JobShape, Problem, WorkerPod, choose_pool
     from gpucluster.planning.lifecycle import ClusterFacts, SpecJudged, admission_cycle, step
 
     custom: Any = kubernetes.client.CustomObjectsApi(api)
@@ -181,10 +180,7 @@ def plan_job(manifest: dict[str, Any], api: kubernetes.client.ApiClient) -> tupl
         tc = custom.get_cluster_custom_object(names.GROUP, names.VERSION, cluster_api.PLURAL, cluster_name)
     except kubernetes.client.ApiException:
         tc = None
-    pools = [PoolFacts(name=p["name"], gpu=p["gpu"], gpus_per_node=int(p.get("gpusPerNode", 8)), nodes=int(p["nodes"]),
-                       nodes_per_rack=int((p.get("topology") or {}).get("nodesPerRack", 4)),
-                       racks_per_block=int((p.get("topology") or {}).get("racksPerBlock", 8)))
-             for p in ((tc or {}).get("spec") or {}).get("pools", [])]
+    pools = [cluster_api.NodePool.model_validate(p).facts() for p in ((tc or {}).get("spec") or {}).get("pools", [])]
     topology = spec.get("topology") or {}
     chosen = choose_pool(JobShape(cluster=cluster_name, pool=spec.get("pool"), gpu=spec.get("gpu"),
                                   workers=int(spec["workers"]), gpus_per_worker=int(spec["gpusPerWorker"]),

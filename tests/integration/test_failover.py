@@ -145,7 +145,7 @@ def test_replicas_never_write_at_once(
         wait_ready(kubectl, name, 4, timeout=TAKEOVER_S + 30)
 
         handovers.append((c.user, time.time()))
-        c.start()
+        start_replica(c, kubectl, peering)
         wait_for(lambda: a.proc is not None and a.proc.poll() is not None, timeout=TAKEOVER_S,
                  what=f"the paused leader to exit; log: {a.log_path}")
         assert a.proc is not None and a.proc.returncode == 75, a.log_tail()

@@ -43,9 +43,9 @@ def test_a_gang_that_needs_the_whole_pool_waits_for_it() -> None:
 
 
 def test_backfill_runs_small_jobs_beside_a_waiting_head() -> None:
-    """a holds 3 nodes; b needs all 4 and waits for a; c fits the idle node
-    and ends before a does, so it delays nothing."""
-    report = Simulation(CLUSTER, [job("a", 0, 3, 2 * HOUR), job("b", 60, 4), job("c", 120, 1, 600)]).run()
+    """a holds 3 nodes; b needs 3 and must wait for a whichever it takes, so
+    it reserves a's nodes and c runs at once on the idle one."""
+    report = Simulation(CLUSTER, [job("a", 0, 3, 2 * HOUR), job("b", 60, 3), job("c", 120, 1, 600)]).run()
     jobs = by_id(report)
     assert jobs["c"].first_admitted == 120  # type: ignore[attr-defined]
     assert jobs["b"].first_admitted == 2 * HOUR  # type: ignore[attr-defined]

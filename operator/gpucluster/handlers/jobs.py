@@ -31,7 +31,6 @@ from gpucluster.planning.jobs import (
     JobShape,
     JobView,
     Phase,
-    PoolFacts,
     Problem,
     WorkerPod,
     choose_pool,
@@ -178,10 +177,7 @@ async def _judge(spec: Any) -> tuple[str, int] | Problem:
         if status_of(err) != 404:
             raise kopf.TemporaryError(f"reading TrainingCluster {spec['cluster']}: {err}", delay=5) from err
         tc = None
-    pools = [PoolFacts(name=p["name"], gpu=p["gpu"], gpus_per_node=int(p.get("gpusPerNode", 8)),
-                       nodes=int(p["nodes"]), nodes_per_rack=int((p.get("topology") or {}).get("nodesPerRack", 4)),
-                       racks_per_block=int((p.get("topology") or {}).get("racksPerBlock", 8)))
-             for p in ((tc or {}).get("spec") or {}).get("pools", [])]
+    pools = [cluster_api.NodePool.model_validate(p).facts() for p in ((tc or {}).get("spec") or {}).get("pools", [])]
     topology = spec.get("topology") or {}
     chosen = choose_pool(JobShape(cluster=spec["cluster"], pool=spec.get("pool"), gpu=spec.get("gpu"),
                                   workers=int(spec["workers"]), gpus_per_worker=int(spec["gpusPerWorker"]),

@@ -37,7 +37,6 @@ from gpucluster.planning.jobs import (
     JobShape,
     JobView,
     Phase,
-    PoolFacts,
     Problem,
     WorkerPod,
     choose_pool,
@@ -127,9 +126,7 @@ class Simulation:
         self.cycle_s = cycle_s
         self.grace_s = grace_s
         self.pools = cluster.pools
-        self.pool_facts = [PoolFacts(name=p.name, gpu=p.gpu.value, gpus_per_node=p.gpusPerNode, nodes=p.nodes,
-                                     nodes_per_rack=p.topology.nodesPerRack,
-                                     racks_per_block=p.topology.racksPerBlock) for p in cluster.pools]
+        self.pool_facts = [p.facts() for p in cluster.pools]
         self.nodes: dict[str, ObservedNode] = {}
         for pool in cluster.pools:
             shape = PoolShape(cluster=name, name=pool.name, provider=PoolProvider.KWOK, desired_nodes=pool.nodes,
