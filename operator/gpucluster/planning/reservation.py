@@ -16,15 +16,16 @@ The rules, each a tie-break of the ones before it:
 4. On those nodes, the placement rules of placement.py.
 
 Which gangs, per domain: ranked by the slots their end alone adds to the
-domain for the head's worker size, most first, then the earliest admitted (a
-gang backfilled since, or admitted this cycle, is waited for last, so the
-reservation does not wander onto it from one cycle to the next), then key;
-added one at a time until the head fits, then every one but the last dropped
-again, last added first, if the head still fits without it. Where no node
-holds GPUs of two of these gangs, the slots they free add up, and the k
-gangs freeing the most free the most any k gangs can: the count found is
-then the fewest possible. Where gangs share nodes it is a greedy bound, and
-still exact whenever one gang would do.
+domain for the head's worker size, most first, then the earliest admitted (of
+gangs freeing as much, one backfilled since or admitted this cycle comes
+last, so the reservation does not wander onto it from one cycle to the
+next), then key; added one at a time until the head fits, then every one but
+the last dropped again, last added first, if the head still fits without it.
+Where no node holds GPUs of two of these gangs, the slots they free add up,
+and the k gangs freeing the most free the most any k gangs can: the count
+found is then the fewest possible. Where gangs share nodes it is a greedy
+choice, not always the fewest, but still the fewest whenever one gang would
+do.
 
 Cost per head: a few passes over the gangs' nodes (each gang split into its
 parts per domain), a sort of the gangs of each domain, a sort of the chosen
