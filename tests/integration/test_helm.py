@@ -231,7 +231,7 @@ def test_two_replicas_as_the_service_account_one_active(
                  timeout=45, what=f"{job} Running; operator log: {older.log_path}")
     finally:
         kubectl.run("delete", "tj", "-n", "default", f"{name}-job", "--timeout=60s", check=False)
-        kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
+        kubectl.run("delete", "tc", name, "--timeout=50s", check=False)
     assert kubectl.get("nodes", "-l", f"gpucluster.dev/cluster={name}")["items"] == []
     assert "Pausing" not in older.log_path.read_text()
     # The standby did not touch the cluster.
