@@ -472,7 +472,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
     snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes, pods, facts.products,
-                                                        facts.foreign_gpus)
+                                                        facts.foreign_gpus, now)
     plan = plan_admissions(snapshot_nodes, running, pending, now=now)
     victims_of: dict[str, list[str]] = {}
     for preemption in plan.preemptions:
