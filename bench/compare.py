@@ -653,6 +653,9 @@ def summarise(kind: str, stream: Stream, tracker: Tracker, t0: float, end: float
             "largest_jobs_longest_wait_s": round(max(w for w, _ in largest_waits), 1) if largest_waits else math.nan,
             "largest_jobs_never_bound": sum(1 for _, bound in largest_waits if not bound),
             "pods_seen": len(pods),
+            # KWOK's part, the same for every system: bound to Running.
+            "pod_start_p99_s": round(wait_percentile(
+                [(p.running_at - p.bound_at, True) for p in pods if p.running_at and p.bound_at], 0.99)[0], 2),
             "node_not_ready_events": tracker.node_flaps,
         }
     return row, series
