@@ -62,6 +62,7 @@ class JobView:
     deadline_seconds: int | None = None
     uid: str = ""
     queue_position: int = 0
+    starts_by: str = ""  # status.startsBy: RFC 3339, or "" when unbounded or not the head
     workers_ready: str = ""
     reason: str = ""
     message: str = ""
