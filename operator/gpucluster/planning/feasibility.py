@@ -12,13 +12,18 @@ judging every cycle rather than fail the job at once.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from gpucluster.planning.admission_snapshot import NodeSnapshot, PendingJob
 
 
 class PoolInventory:
-    """The nodes of one pool by topology, with slots per worker size cached."""
+    """The nodes of one pool by topology, with slots per worker size cached.
+
+    Cost: one pass over the nodes when built; then per worker size, a pass
+    over the distinct rack and block shapes (GPUs per node, counted), of
+    which a pool of uniform racks has a handful whatever its size.
+    """
 
     def __init__(self, pool: str, nodes: Sequence[NodeSnapshot]) -> None:
         self.pool = pool
@@ -26,11 +31,17 @@ class PoolInventory:
         self._total_gpus = sum(node.allocatable_gpus for node in nodes)
         largest = max(nodes, key=lambda node: node.allocatable_gpus, default=None)
         self._largest_node = largest
-        # Nodes per allocatable size, per rack: slots of a rack for any worker
-        # size follow without visiting its nodes again.
-        self._rack_sizes: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
-        for node in nodes:
-            self._rack_sizes[(node.block, node.rack)][node.allocatable_gpus] += 1
+        nodes_by_place = Counter((node.block, node.rack, node.allocatable_gpus) for node in nodes)
+        rack_sizes: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+        block_sizes: dict[str, Counter[int]] = defaultdict(Counter)
+        for (block, rack, size), count in nodes_by_place.items():
+            rack_sizes[(block, rack)][size] += count
+            block_sizes[block][size] += count
+        # Racks and blocks of the same shape hold the same slots: each shape
+        # is counted once, as (GPUs per node, nodes) pairs.
+        self._pool_sizes = sum(block_sizes.values(), Counter[int]())
+        self._rack_shapes = {_shape(sizes) for sizes in rack_sizes.values()}
+        self._block_shapes = {_shape(sizes) for sizes in block_sizes.values()}
         self._slots_cache: dict[int, tuple[int, int, int]] = {}
 
     def why_never_fits(self, job: PendingJob) -> str | None:
@@ -65,12 +76,21 @@ class PoolInventory:
         cached = self._slots_cache.get(worker_gpus)
         if cached is not None:
             return cached
-        per_block: Counter[str] = Counter()
-        largest_rack = 0
-        for (block, _), sizes in self._rack_sizes.items():
-            rack_slots = sum(count * (size // worker_gpus) for size, count in sizes.items())
-            per_block[block] += rack_slots
-            largest_rack = max(largest_rack, rack_slots)
-        slots = (per_block.total(), max(per_block.values(), default=0), largest_rack)
+        slots = (
+            _slots(self._pool_sizes.items(), worker_gpus),
+            max((_slots(shape, worker_gpus) for shape in self._block_shapes), default=0),
+            max((_slots(shape, worker_gpus) for shape in self._rack_shapes), default=0),
+        )
         self._slots_cache[worker_gpus] = slots
         return slots
+
+
+Shape = tuple[tuple[int, int], ...]
+
+
+def _shape(sizes: Counter[int]) -> Shape:
+    return tuple(sorted(sizes.items()))
+
+
+def _slots(shape: Iterable[tuple[int, int]], worker_gpus: int) -> int:
+    return sum(count * (size // worker_gpus) for size, count in shape)
