@@ -38,6 +38,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from operator import attrgetter
 
 from gpucluster.planning.admission_snapshot import NodeSnapshot, RunningGang, TopologyLevel
 
@@ -47,8 +48,7 @@ Domain = tuple[TopologyLevel | None, int]
 POOL: Domain = (None, 0)
 
 
-def _topology_order(node: NodeSnapshot) -> tuple[str, str, str]:
-    return node.block, node.rack, node.name
+_topology_order = attrgetter("block", "rack", "name")
 
 
 class IndexedNode:
