@@ -35,7 +35,6 @@ the head's nodes only: linear in nodes plus gangs, up to a logarithm.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -114,11 +113,10 @@ def _nodes_for(
         slots_near[node.domain("rack")] += node_slots
     if slots >= head.workers:
         return chosen
-    # Nodes with room for a worker now: the end of the index's capacity order.
+    # Nodes with room for a worker now.
     with_room = [
         node
-        for node in (index.nodes[key[2]] for key in index.node_keys[bisect_left(
-            index.node_keys, (worker_gpus,)):])
+        for node in index.nodes_with_room(worker_gpus)
         if not gpus_back.get(node.name) and node.domain(level) == domain
     ]
     with_room.sort(

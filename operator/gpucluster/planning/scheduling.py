@@ -59,7 +59,7 @@ from gpucluster.planning.admission_snapshot import (
 )
 from gpucluster.planning.capacity import CapacityIndex
 from gpucluster.planning.feasibility import PoolInventory
-from gpucluster.planning.placement import Placement, place
+from gpucluster.planning.placement import Placement, fits, place
 from gpucluster.planning.preemption import select_victims
 from gpucluster.planning.reservation import place_after_fewest_ends
 
@@ -226,10 +226,13 @@ class AdmissionCycle:
         )
 
     def _admit_or_hold(self, pool: _PoolQueue, job: PendingJob) -> Decision:
-        placement = place(pool.index, job)
+        # Behind a head most jobs fit nowhere: `fits` says so in O(1), before
+        # any placement search (place finds one exactly when fits says so).
+        placement = place(pool.index, job) if fits(pool.index, job) else None
         if placement is None and self._leaves_before_head(pool, job):
             pool.index.unmask(pool.reserved)
-            placement = place(pool.index, job)
+            if fits(pool.index, job):
+                placement = place(pool.index, job)
             pool.index.mask(pool.reserved)
         if placement is not None:
             gpus_by_node = _gpus_by_node(placement, job.gpus_per_worker)
