@@ -18,12 +18,14 @@ import pydantic
 
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
+from gpucluster.handlers import karpenter as karpenter_pools
 from gpucluster.handlers.indexes import owned_nodes
 from gpucluster.handlers.remediation import forget_cluster, remediate_pool
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, core, custom
 from gpucluster.kube.clusters import read_cluster
 from gpucluster.planning.conditions import ConditionUpdate, merge_conditions
+from gpucluster.planning.karpenter import ObservedClaim
 from gpucluster.planning.pools import (
     ObservedNode,
     PoolCounts,
@@ -126,34 +128,40 @@ class _SpecChanged(Exception):
     """The spec changed during a scale-up: plan again from the newest one."""
 
 
-async def _let_go(selector: str) -> tuple[list[str], list[str]]:
-    """Deletes the kwok nodes matching the selector and releases the adopted
-    ones. Returns (deleted, released)."""
+async def _let_go(selector: str) -> tuple[list[str], list[str], list[str]]:
+    """Deletes the kwok nodes matching the selector, releases the adopted
+    ones, and deletes the NodePools of karpenter ones (Karpenter then removes
+    their nodes). Returns (deleted, released, karpenter nodes still there)."""
     found = await call(core().list_node, label_selector=selector)
-    kwok = [str(n.metadata.name) for n in found.items
-            if (n.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
-    static = [str(n.metadata.name) for n in found.items if str(n.metadata.name) not in kwok]
+    by_provider: dict[str, list[str]] = {}
+    for n in found.items:
+        by_provider.setdefault((n.metadata.labels or {}).get(names.LABEL_PROVIDER, ""), []).append(
+            str(n.metadata.name))
+    kwok, karpenter = by_provider.pop(PoolProvider.KWOK, []), by_provider.pop(PoolProvider.KARPENTER, [])
+    static = [name for names_ in by_provider.values() for name in names_]
     errors = await kube_nodes.delete_nodes(kwok)
     for node in static:
         await kube_nodes.release_node(node)
+    await karpenter_pools.remove_nodepools(selector)
     if errors:
         raise kopf.TemporaryError(f"{len(errors)} node deletions failed: {errors[:3]}", delay=5)
-    return kwok, static
+    return kwok, static, karpenter
 
 
 async def _remove_orphans(body: Any, owned: dict[str, list[ObservedNode]],
                           pools: dict[str, api.NodePool]) -> None:
     """Nodes of pools that left the spec: kwok ones are deleted, adopted ones released."""
     for pool_name in owned.keys() - pools.keys():
-        deleted, released = await _let_go(
+        deleted, released, _ = await _let_go(
             f"{names.LABEL_CLUSTER}={body['metadata']['name']},{names.LABEL_POOL}={pool_name}")
-        kopf.info(body, reason="PoolRemoved",
-                  message=f"pool {pool_name} left the spec: deleted {len(deleted)} nodes, "
-                          f"released {len(released)}")
+        if deleted or released:
+            kopf.info(body, reason="PoolRemoved",
+                      message=f"pool {pool_name} left the spec: deleted {len(deleted)} nodes, "
+                              f"released {len(released)}")
 
 
-def _status(body: Any, spec: api.TrainingClusterSpec,
-            counts: dict[str, PoolCounts], degraded: ConditionUpdate | None) -> dict[str, Any]:
+def _status(body: Any, spec: api.TrainingClusterSpec, counts: dict[str, PoolCounts],
+            degraded: ConditionUpdate | None, karpenter: karpenter_pools.KarpenterPass) -> dict[str, Any]:
     ready = sum(c.ready_nodes for c in counts.values())
     desired = sum(c.desired_nodes for c in counts.values())
     healthy_nodes = sum(c.healthy_nodes for c in counts.values())
@@ -176,12 +184,14 @@ def _status(body: Any, spec: api.TrainingClusterSpec,
                               nodes=c.nodes, readyNodes=c.ready_nodes,
                               healthyNodes=c.healthy_nodes, desiredGPUs=c.desired_gpus,
                               readyGPUs=c.ready_gpus, healthyGPUs=c.healthy_gpus,
-                              quarantinedNodes=c.quarantined_nodes)
+                              quarantinedNodes=c.quarantined_nodes,
+                              provisioning=karpenter.provisioning.get(p.name))
                for p in spec.pools for c in [counts[p.name]]],
         nodes=f"{ready}/{desired}",
         readyGPUs=sum(c.ready_gpus for c in counts.values()),
         healthyGPUs=sum(c.healthy_gpus for c in counts.values()),
         poolNames=",".join(p.name for p in spec.pools),
+        provisioning=karpenter.summary,
         conditions=[],
     ).model_dump()
     status["remediation"] = (body.get("status") or {}).get("remediation") or {}
@@ -212,14 +222,15 @@ async def _write_status(name: str, body: Any, status: dict[str, Any]) -> None:
 
 
 async def reconcile(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                    pods_by_node: kopf.Index[str, str], logger: Any) -> None:
+                    pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                    logger: Any) -> None:
     lock = _locks.setdefault(name, asyncio.Lock())
     async with lock:
         started = time.monotonic()
         try:
             while True:
                 try:
-                    await _reconcile_once(name, nodes_by_cluster, pods_by_node, logger)
+                    await _reconcile_once(name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
                     break
                 except _SpecChanged:
                     logger.info("spec changed during scale-up; planning again from the newest")
@@ -232,7 +243,8 @@ async def reconcile(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
 
 
 async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                          pods_by_node: kopf.Index[str, str], logger: Any) -> None:
+                          pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          logger: Any) -> None:
     body = await read_cluster(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
@@ -252,10 +264,13 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
     plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
     for pool in spec.pools:
         shape = shape_of(name, pool)
+        if pool.provider == api.Provider.KARPENTER:
+            continue  # Karpenter makes the nodes: handlers/karpenter.py steps the pool
         candidates = await _static_candidates(pool) if pool.provider == api.Provider.STATIC else []
         plans[pool.name] = (shape, plan_pool(shape, owned.get(pool.name, []), candidates))
     conflicts = {p: plan.conflicts for p, (_, plan) in plans.items() if plan.conflicts}
     degraded = None
+    karpenter = karpenter_pools.KarpenterPass()
     if conflicts:
         message = "; ".join(
             f"pool {p}: nodes {_names_summary(c)} already belong to another TrainingCluster; "
@@ -264,9 +279,11 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         kopf.warn(body, reason="StaticNodesClaimed", message=message + " (nothing was changed)")
     else:
         await _remove_orphans(body, owned, pools)
-        errors: list[str] = []
+        karpenter = await karpenter_pools.reconcile_pools(
+            body, [(shape_of(name, p), p) for p in spec.pools], owned, claims_by_cluster)
+        errors = list(karpenter.errors)
         for pool in spec.pools:
-            shape, plan = plans[pool.name]
+            shape, plan = plans.get(pool.name, (shape_of(name, pool), PoolPlan()))
             if not plan.empty:
                 draining = {n.name for n in owned.get(pool.name, []) if n.draining}
                 errors += await _apply(body, shape, pool, plan, draining)
@@ -284,7 +301,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
                     f"{_names_summary(healing.waiting)}")
     counts = {p.name: count_pool(shape_of(name, p), owned.get(p.name, [])) for p in spec.pools}
     _export_metrics(name, spec, counts)
-    await _write_status(name, body, _status(body, spec, counts, degraded))
+    await _write_status(name, body, _status(body, spec, counts, degraded, karpenter))
 
 
 # Kopf passes its indexes as keyword arguments its handler protocols do not
@@ -293,21 +310,27 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
 @kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")  # type: ignore[arg-type]
 async def cluster_changed(*, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                          pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
-    await reconcile(name, nodes_by_cluster, pods_by_node, logger)
+                          pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          logger: Any, **_: Any) -> None:
+    await reconcile(name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
 
 
 @kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,  # type: ignore[arg-type]
             initial_delay=RESYNC_INTERVAL_S)
 async def cluster_resync(*, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                         pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
-    await reconcile(name, nodes_by_cluster, pods_by_node, logger)
+                         pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                         logger: Any, **_: Any) -> None:
+    await reconcile(name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
 
 
 @kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)
 async def cluster_deleted(*, name: str, body: Any, logger: Any, **_: Any) -> None:
-    """Deletes the nodes the cluster created and releases those it adopted."""
-    deleted, released = await _let_go(f"{names.LABEL_CLUSTER}={name}")
+    """Deletes the nodes the cluster created and releases those it adopted;
+    waits for Karpenter to remove the nodes of karpenter pools."""
+    deleted, released, karpenter = await _let_go(f"{names.LABEL_CLUSTER}={name}")
     logger.info(f"deleted {len(deleted)} nodes, released {len(released)}")
+    if karpenter:
+        raise kopf.TemporaryError(f"deleted the NodePools; waiting for Karpenter to remove {len(karpenter)} "
+                                  f"nodes ({_names_summary(karpenter)})", delay=5)
     _locks.pop(name, None)
     forget_cluster(name)
