@@ -115,7 +115,7 @@ def up(state_dir: Path, kubeconfig: str, bin_dir: Path) -> KarpenterState:
     env = {**os.environ, "KUBECONFIG": kubeconfig, "DISABLE_LEADER_ELECTION": "true",
            "METRICS_PORT": str(state.metrics_port), "HEALTH_PROBE_PORT": str(state.health_port),
            "FEATURE_GATES": FEATURE_GATES, "INSTANCE_TYPES_FILE_PATH": str(INSTANCE_TYPES),
-           "LOG_LEVEL": "debug", "SYSTEM_NAMESPACE": "kube-system"}
+           "LOG_LEVEL": "info", "SYSTEM_NAMESPACE": "kube-system"}
     with open(state.log, "ab") as log:
         proc = subprocess.Popen([str(path)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)

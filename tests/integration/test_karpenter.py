@@ -204,7 +204,9 @@ def test_slow_launches_and_a_nodepool_karpenter_refuses_are_named(
     name = unique("kslow")
     late = karpenter_pool(1, nodeClassRef={**NODE_CLASS, "name": "late"}, slowLaunchSeconds=3)
     missing = karpenter_pool(1, name="h200", gpu="H200-141GB", nodeClassRef={**NODE_CLASS, "name": "missing"})
-    kubectl.apply(training_cluster(name, late, missing))
+    # An instance type the cloud (here, the provider's instance types file) does not have.
+    unknown = karpenter_pool(1, name="p4d", instanceTypes=["p4d.24xlarge"])
+    kubectl.apply(training_cluster(name, late, missing, unknown))
 
     def warned(reason: str) -> dict[str, Any] | None:
         return next((e for e in events_of(kubectl, name) if e["reason"] == reason), None)
@@ -212,11 +214,15 @@ def test_slow_launches_and_a_nodepool_karpenter_refuses_are_named(
     assert slow["type"] == "Warning" and "Launched, not Registered" in slow["message"]
     refused = wait_for(lambda: warned("NodePoolNotReady"), timeout=60, what="a NodePoolNotReady warning")
     assert f"{name}-h200" in refused["message"] and "NodeClass" in refused["message"]
+    failed = wait_for(lambda: warned("NodeClaimLaunchFailed"), timeout=60, what="a NodeClaimLaunchFailed warning")
+    assert "pool p4d" in failed["message"] and "instance type" in failed["message"]
     pools = {p["name"]: p["provisioning"] for p in kubectl.get("tc", name)["status"]["pools"]}
-    [claim] = [c["metadata"]["name"] for c in nodeclaims_of(kubectl, name)]
+    [claim] = [c["metadata"]["name"] for c in nodeclaims_of(kubectl, name)
+               if c["metadata"]["labels"]["gpucluster.dev/pool"] == "h100"]
     assert pools["h100"]["slow"] == [claim] and claim in slow["message"]
+    assert len(pools["p4d"]["failed"]) == 1 and pools["p4d"]["slow"] == []
     assert (pools["h200"]["nodePoolReady"], pools["h200"]["nodeClaims"]) == ("False", 0)
-    assert "1/2 launched, 0 registered" in kubectl.run("get", "tc", name).stdout
+    assert "1/3 launched, 0 registered" in kubectl.run("get", "tc", name).stdout
     assert condition(kubectl.get("tc", name), "Ready")["status"] == "False"
     kubectl.run("delete", "tc", name, "--timeout=120s")
     wait_for(lambda: nodeclaims_of(kubectl, name) == [], timeout=60, what="NodeClaims gone")
