@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/gpucluster: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,nvml]'
+	$(BIN)/pip install -q -e '.[dev,nvml,sim]'
 	touch $@
 
 binaries:

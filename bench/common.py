@@ -1,5 +1,6 @@
 """What the cluster benchmarks share: a local control plane with the CRDs
-applied, kubectl and a client on it, and a raw node watch."""
+applied, kubectl and a client on it, a raw node watch, and the CPU time of
+a process."""
 
 from __future__ import annotations
 
@@ -23,20 +24,23 @@ sys.path.insert(0, str(REPO / "operator"))
 from gpucluster import devcluster  # noqa: E402
 from gpucluster.kube.client import CONCURRENCY  # noqa: E402
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class BenchCluster:
     kubeconfig: str
     core: kubernetes.client.CoreV1Api
     kubectl_bin: str
+    state_dir: Path
 
     def kubectl(self, *argv: str, input: str | None = None) -> str:
         return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
                               text=True, capture_output=True, check=True).stdout
 
-    def gpucluster(self, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+    def gpucluster(self, *argv: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A `gpucluster` subcommand against this cluster, logging to `log`."""
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator")}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"), **(env or {})}
         with open(log, "wb") as out:
             return subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *argv], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
@@ -47,6 +51,8 @@ def bench_cluster(name: str) -> Iterator[BenchCluster]:
     """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied."""
     external = os.environ.get("GPUCLUSTER_KUBECONFIG")
     state_dir = REPO / ".local-cluster" / name
+    # A run stopped with SIGTERM unwinds through the finally below.
+    devcluster.interrupt_on_sigterm()
     if not external:
         devcluster.down(state_dir)
         kubeconfig = devcluster.up(state_dir).kubeconfig
@@ -57,7 +63,7 @@ def bench_cluster(name: str) -> Iterator[BenchCluster]:
         kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         configuration.connection_pool_maxsize = CONCURRENCY * 2
         cluster = BenchCluster(kubeconfig, kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration)),
-                               str(devcluster.bin_dir() / "kubectl"))
+                               str(devcluster.bin_dir() / "kubectl"), Path(kubeconfig).parent)
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd", "--all")
         yield cluster
@@ -102,3 +108,9 @@ def _chunks(stream: Any) -> Iterator[bytes]:
         yield from stream.stream(1 << 16)
     except urllib3.exceptions.HTTPError:
         return
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.config import JsonDict
 
+from gpucluster.planning.jobs import PoolFacts
+
 from .common import (
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
@@ -221,6 +223,11 @@ class NodePool(CamelModel):
 
     def slow_launch_seconds(self) -> int:
         return self.slowLaunchSeconds or DEFAULT_SLOW_LAUNCH_S
+
+    def facts(self) -> PoolFacts:
+        """What a job's submission check needs to know of the pool."""
+        return PoolFacts(name=self.name, gpu=self.gpu.value, gpus_per_node=self.gpusPerNode, nodes=self.nodes,
+                         nodes_per_rack=self.topology.nodesPerRack, racks_per_block=self.topology.racksPerBlock)
 
 
 class TrainingClusterSpec(CamelModel):
