@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +42,7 @@ class KarpenterError(RuntimeError):
 @dataclass
 class KarpenterState:
     state_dir: str
+    binary: str = ""
     pid: int = 0
     metrics_port: int = 0
     health_port: int = 0
@@ -75,12 +74,6 @@ def build() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
@@ -110,14 +103,14 @@ def up(state_dir: Path, kubeconfig: str, bin_dir: Path) -> KarpenterState:
         raise KarpenterError(f"Karpenter of {state_dir} is already up; stop it first")
     install_crds(kubeconfig, bin_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    state = KarpenterState(state_dir=str(state_dir), metrics_port=_free_port(),
-                           health_port=_free_port(), log=str(state_dir / "karpenter.log"))
+    state = KarpenterState(state_dir=str(state_dir), binary=str(path), metrics_port=devcluster._free_port(),
+                           health_port=devcluster._free_port(), log=str(state_dir / "karpenter.log"))
     env = {**os.environ, "KUBECONFIG": kubeconfig, "DISABLE_LEADER_ELECTION": "true",
            "METRICS_PORT": str(state.metrics_port), "HEALTH_PROBE_PORT": str(state.health_port),
            "FEATURE_GATES": FEATURE_GATES, "INSTANCE_TYPES_FILE_PATH": str(INSTANCE_TYPES),
            "LOG_LEVEL": "info", "SYSTEM_NAMESPACE": "kube-system"}
     with open(state.log, "ab") as log:
-        proc = subprocess.Popen([str(path)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([state.binary], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
     state.pid = proc.pid
     state.save()
@@ -125,41 +118,29 @@ def up(state_dir: Path, kubeconfig: str, bin_dir: Path) -> KarpenterState:
     while not _healthy(state.health_port):
         if proc.poll() is not None or time.monotonic() > deadline:
             down(state_dir)
-            tail = "\n".join(Path(state.log).read_text(errors="replace").splitlines()[-30:])
-            raise KarpenterError(f"Karpenter did not become ready; last lines of {state.log}:\n{tail}")
+            raise KarpenterError(f"Karpenter did not become ready; last lines of {state.log}:\n"
+                                 f"{devcluster._tail(state.log)}")
         time.sleep(0.3)
     return state
 
 
 def status(state_dir: Path) -> KarpenterState | None:
     state = KarpenterState.load(state_dir)
-    if state is None or not state.pid or not _alive(state.pid):
+    if state is None or not state.pid or not devcluster._alive(state.pid, state.binary):
         return None
     return state
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(BINARY.encode())
-    except OSError:
-        return False
-
-
 def down(state_dir: Path) -> bool:
-    """Stops the provider this state folder started, by pid: SIGTERM, then
-    SIGKILL after 10 s. Returns whether one was running."""
+    """Stops the provider this state folder started, by pid. Returns whether
+    one was running."""
     state = KarpenterState.load(state_dir)
-    if state is None or not state.pid or not _alive(state.pid):
+    if state is None or not state.pid:
         return False
-    os.kill(state.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _alive(state.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(state.pid):
-        os.kill(state.pid, signal.SIGKILL)
+    stopped = devcluster.stop_process(state.pid, state.binary)
     state.pid = 0
     state.save()
-    return True
+    return stopped
 
 
 def main(argv: list[str] | None = None) -> int:

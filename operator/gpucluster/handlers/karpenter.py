@@ -74,7 +74,7 @@ def surge_of(pool: api.NodePool) -> int:
     return max(1, budget.unavailable_allowed(pool.nodes))
 
 
-def template_of(shape: PoolShape, pool: api.NodePool) -> NodePoolTemplate:
+def nodepool_template(shape: PoolShape, pool: api.NodePool) -> NodePoolTemplate:
     assert pool.nodeClassRef is not None, "the CRD requires nodeClassRef for provider karpenter"
     nodes = kube_nodes.PoolNodeTemplate(shape=shape, gpu=pool.gpu, labels=pool.labels)
     return NodePoolTemplate(
@@ -94,7 +94,7 @@ async def reconcile_pool(body: Any, shape: PoolShape, pool: api.NodePool, nodes:
     """One step of a karpenter pool: the NodePool's shape, a scale-down's
     victims, the nodes' labels. Returns the pool's provisioning status, its
     claim counts and the writes that failed."""
-    template = template_of(shape, pool)
+    template = nodepool_template(shape, pool)
     observed = observe_nodepool(await kube_karpenter.read_nodepool(template.name))
     plan = plan_karpenter_pool(shape, surge_of(pool), observed, claims, nodes)
     manifest = nodepool_manifest(template, plan.replicas, plan.node_limit)

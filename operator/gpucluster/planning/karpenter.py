@@ -232,11 +232,6 @@ class KarpenterPlan:
     # Nodes to (re)label with their ordinal, rack and block.
     label: tuple[NodeToCreate, ...] = ()
 
-    @property
-    def holding(self) -> bool:
-        """A scale-down is under way: Karpenter may launch nothing."""
-        return self.node_limit < self.replicas
-
 
 def claim_removal_order(claim: ObservedClaim, node: ObservedNode | None) -> tuple[Any, ...]:
     """Sort key of NodeClaims to remove first: those with no node yet
