@@ -149,10 +149,18 @@ def test_apply_scale_up_scale_down_by_our_choice_and_delete(
     reasons = {e["reason"] for e in events_of(kubectl, name)}
     assert {"NodesDraining", "NodeClaimsDeleted"} <= reasons
 
+    # A node no NodeClaim accounts for (Karpenter's KWOK provider creates a
+    # node asynchronously, and can do so after its claim was deleted).
+    kubectl.apply({"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": f"{name}-leaked", "annotations": {"kwok.x-k8s.io/node": "fake"},
+        "labels": {"gpucluster.dev/cluster": name, "gpucluster.dev/pool": "h100",
+                   "gpucluster.dev/provider": "karpenter"}}})
     kubectl.run("delete", "pod", pods[0], "--wait=false")
     kubectl.run("delete", "tc", name, "--timeout=120s")
     assert nodepools_of(kubectl, name) == [] and nodes_of(kubectl, name) == []
     wait_for(lambda: nodeclaims_of(kubectl, name) == [], timeout=30, what="NodeClaims gone")
+    orphans = [e for e in events_of(kubectl, name) if e["reason"] == "OrphanNodesDeleted"]
+    assert orphans and f"{name}-leaked" in orphans[0]["message"]
 
 
 def test_a_fatal_xid_replaces_the_node_through_its_nodeclaim(

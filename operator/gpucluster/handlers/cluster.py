@@ -11,7 +11,7 @@ status.remediation, and the reconcile only reads it (for Degraded).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -128,10 +128,12 @@ class _SpecChanged(Exception):
     """The spec changed during a scale-up: plan again from the newest one."""
 
 
-async def _let_go(selector: str) -> tuple[list[str], list[str], list[str]]:
+async def _let_go(body: Any, selector: str, claims: Sequence[ObservedClaim],
+                  ) -> tuple[list[str], list[str], list[str]]:
     """Deletes the kwok nodes matching the selector, releases the adopted
-    ones, and deletes the NodePools of karpenter ones (Karpenter then removes
-    their nodes). Returns (deleted, released, karpenter nodes still there)."""
+    ones, and lets Karpenter remove the karpenter ones (`claims`: those
+    NodeClaims of theirs still there). Returns (deleted, released, karpenter
+    nodes still to go)."""
     found = await call(core().list_node, label_selector=selector)
     by_provider: dict[str, list[str]] = {}
     for n in found.items:
@@ -142,18 +144,20 @@ async def _let_go(selector: str) -> tuple[list[str], list[str], list[str]]:
     errors = await kube_nodes.delete_nodes(kwok)
     for node in static:
         await kube_nodes.release_node(node)
-    await karpenter_pools.remove_nodepools(selector)
+    karpenter = await karpenter_pools.let_go(body, selector, karpenter, claims)
     if errors:
         raise kopf.TemporaryError(f"{len(errors)} node deletions failed: {errors[:3]}", delay=5)
     return kwok, static, karpenter
 
 
 async def _remove_orphans(body: Any, owned: dict[str, list[ObservedNode]],
-                          pools: dict[str, api.NodePool]) -> None:
-    """Nodes of pools that left the spec: kwok ones are deleted, adopted ones released."""
+                          pools: dict[str, api.NodePool], claims: dict[str, list[ObservedClaim]]) -> None:
+    """Nodes of pools that left the spec: kwok ones are deleted, adopted ones
+    released, karpenter ones left to Karpenter."""
     for pool_name in owned.keys() - pools.keys():
         deleted, released, _ = await _let_go(
-            f"{names.LABEL_CLUSTER}={body['metadata']['name']},{names.LABEL_POOL}={pool_name}")
+            body, f"{names.LABEL_CLUSTER}={body['metadata']['name']},{names.LABEL_POOL}={pool_name}",
+            claims.get(pool_name, []))
         if deleted or released:
             kopf.info(body, reason="PoolRemoved",
                       message=f"pool {pool_name} left the spec: deleted {len(deleted)} nodes, "
@@ -296,9 +300,10 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         degraded = ConditionUpdate("Degraded", True, "StaticNodesClaimed", message)
         kopf.warn(body, reason="StaticNodesClaimed", message=message + " (nothing was changed)")
     else:
-        await _remove_orphans(body, owned, pools)
+        claims = karpenter_pools.claims_of(claims_by_cluster, name)
+        await _remove_orphans(body, owned, pools, claims)
         karpenter = await karpenter_pools.reconcile_pools(
-            body, [(shape_of(name, p), p) for p in spec.pools], owned, claims_by_cluster)
+            body, [(shape_of(name, p), p) for p in spec.pools], owned, claims)
         errors = list(karpenter.errors)
         for shape, plan in plans.values():
             pool = pools[shape.name]
@@ -334,11 +339,13 @@ async def cluster_resync(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[s
     await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
 
 
-@kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)
-async def cluster_deleted(*, name: str, memo: Any, logger: Any, **_: Any) -> None:
+@kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)  # type: ignore[arg-type]
+async def cluster_deleted(*, name: str, body: Any, memo: Any, claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          logger: Any, **_: Any) -> None:
     """Deletes the nodes the cluster created and releases those it adopted;
     waits for Karpenter to remove the nodes of karpenter pools."""
-    deleted, released, karpenter = await _let_go(f"{names.LABEL_CLUSTER}={name}")
+    deleted, released, karpenter = await _let_go(body, f"{names.LABEL_CLUSTER}={name}",
+                                                 list(claims_by_cluster.get(name, [])))
     logger.info(f"deleted {len(deleted)} nodes, released {len(released)}")
     if karpenter:
         raise kopf.TemporaryError(f"deleted the NodePools; waiting for Karpenter to remove {len(karpenter)} "

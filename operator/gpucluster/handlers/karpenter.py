@@ -179,6 +179,23 @@ async def remove_nodepools(selector: str, keep: Collection[str] = ()) -> list[st
     return gone
 
 
+async def let_go(body: Any, selector: str, nodes: Sequence[str], claims: Sequence[ObservedClaim]) -> list[str]:
+    """Deletes the NodePools matching the selector, and so (Kubernetes'
+    garbage collector, then Karpenter) their NodeClaims and `nodes`. Returns
+    the nodes still to go. Once no claim is left, a node still there is an
+    orphan nothing else removes (Karpenter's KWOK provider creates a node
+    asynchronously, and can do so after its claim was deleted): it is
+    deleted here."""
+    await remove_nodepools(selector)
+    if claims or not nodes:
+        return list(nodes)
+    errors = await kube_nodes.delete_nodes(nodes)
+    kopf.warn(body, reason="OrphanNodesDeleted",
+              message=f"{len(nodes)} nodes ({', '.join(nodes[:5])}) outlived their NodeClaims: "
+                      + (f"deleting them failed: {errors[:3]}" if errors else "deleted them"))
+    return list(nodes) if errors else []
+
+
 @dataclasses.dataclass
 class KarpenterPass:
     """What one reconcile of a cluster's karpenter pools reports."""
@@ -190,11 +207,11 @@ class KarpenterPass:
 
 async def reconcile_pools(body: Any, pools: Sequence[tuple[PoolShape, api.NodePool]],
                           owned: Mapping[str, Sequence[ObservedNode]],
-                          claims_index: kopf.Index[str, ObservedClaim]) -> KarpenterPass:
-    """One step of each karpenter pool of the cluster, and the NodePools of
-    pools that left the spec deleted (Karpenter then removes their nodes)."""
+                          claims: Mapping[str, Sequence[ObservedClaim]]) -> KarpenterPass:
+    """One step of each karpenter pool of the cluster (`claims`: its
+    NodeClaims by pool), and the NodePools of pools that left the spec
+    deleted (Karpenter then removes their nodes)."""
     cluster = body["metadata"]["name"]
-    claims = claims_of(claims_index, cluster)
     done = KarpenterPass()
     counts = []
     for shape, pool in pools:
