@@ -15,6 +15,7 @@ $(BIN)/gpucluster: pyproject.toml
 binaries:
 	hack/build-binaries.sh
 	hack/build-kubelet.sh >/dev/null
+	hack/build-kueue.sh >/dev/null
 	hack/build-karpenter.sh >/dev/null
 
 demo: $(BIN)/gpucluster binaries

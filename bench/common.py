@@ -35,8 +35,11 @@ class BenchCluster:
     state_dir: Path
 
     def kubectl(self, *argv: str, input: str | None = None) -> str:
-        return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
-                              text=True, capture_output=True, check=True).stdout
+        result = subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
+                                text=True, capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
+        return result.stdout
 
     def gpucluster(self, *argv: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A `gpucluster` subcommand against this cluster, logging to `log`."""
@@ -47,15 +50,16 @@ class BenchCluster:
 
 
 @contextlib.contextmanager
-def bench_cluster(name: str) -> Iterator[BenchCluster]:
-    """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied."""
+def bench_cluster(name: str, extra_args: dict[str, list[str]] | None = None) -> Iterator[BenchCluster]:
+    """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied;
+    `extra_args` adds flags to its components (devcluster.up)."""
     external = os.environ.get("GPUCLUSTER_KUBECONFIG")
     state_dir = REPO / ".local-cluster" / name
     # A run stopped with SIGTERM unwinds through the finally below.
     devcluster.interrupt_on_sigterm()
     if not external:
         devcluster.down(state_dir)
-        kubeconfig = devcluster.up(state_dir).kubeconfig
+        kubeconfig = devcluster.up(state_dir, extra_args).kubeconfig
     else:
         kubeconfig = external
     try:
@@ -77,28 +81,44 @@ def watch_nodes(core: kubernetes.client.CoreV1Api, selector: str,
     """Streams node events as raw JSON (the client's model decoding would be
     the bottleneck at thousands of nodes) to `on_event(type, node)` on a
     thread, until it returns True or the control plane goes away."""
+    return watch_raw(core.list_node, selector, on_event)
+
+
+def watch_raw(list_call: Callable[..., Any], selector: str,
+              on_event: Callable[[str, dict[str, Any]], bool]) -> threading.Thread:
+    """`watch_nodes` for any list call of the client (pods of all namespaces:
+    `core.list_pod_for_all_namespaces`)."""
     def run() -> None:
         version = "0"
         while True:
             try:
-                stream = core.list_node(watch=True, label_selector=selector, resource_version=version,
-                                        allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
+                stream = list_call(watch=True, label_selector=selector, resource_version=version,
+                                   allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
             except urllib3.exceptions.HTTPError:
                 return
-            buffer = b""
-            for chunk in _chunks(stream):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    event = json.loads(line)
-                    version = event["object"]["metadata"].get("resourceVersion", version)
-                    if event["type"] != "BOOKMARK" and on_event(event["type"], event["object"]):
-                        stream.close()
-                        return
+            for event in _events(stream):
+                if event["type"] == "ERROR":
+                    # 410 Gone: the version fell out of the watch cache; start
+                    # again from a fresh list (every object ADDED again).
+                    version = "0"
+                    stream.close()
+                    break
+                version = event["object"]["metadata"].get("resourceVersion", version)
+                if event["type"] != "BOOKMARK" and on_event(event["type"], event["object"]):
+                    stream.close()
+                    return
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def _events(stream: Any) -> Iterator[dict[str, Any]]:
+    buffer = b""
+    for chunk in _chunks(stream):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (json.loads(line) for line in lines)
 
 
 def _chunks(stream: Any) -> Iterator[bytes]:

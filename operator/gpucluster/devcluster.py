@@ -76,6 +76,9 @@ class ClusterState:
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
+    # Flags appended to a component's command line, by component name (a
+    # benchmark's KWOK stages, a scheduler's client QPS).
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def kubeconfig(self) -> str:
@@ -213,8 +216,8 @@ def _start(state: ClusterState, name: str, args: list[str]) -> None:
     with open(log_path, "ab") as log:
         # A session of its own: the cluster outlives the `up` command and is
         # stopped only by `down`, by pid.
-        proc = subprocess.Popen([binary, *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen([binary, *args[1:], *state.extra_args.get(name, [])], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _children[name] = proc
     state.pids[name] = proc.pid
     state.logs[name] = log_path
@@ -286,10 +289,11 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState | None:
     return state if running else None
 
 
-def up(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState:
+def up(state_dir: Path = DEFAULT_STATE_DIR, extra_args: dict[str, list[str]] | None = None) -> ClusterState:
     """Starts the control plane and KWOK, and returns once the API server is
     ready, the controllers and scheduler are healthy, and the `default`
-    service account exists (pods can be created)."""
+    service account exists (pods can be created). `extra_args` adds flags to
+    a component, by name (`{"kwok": ["--config=stages.yaml"]}`)."""
     if status(state_dir) is not None:
         raise ClusterError(f"a cluster of {state_dir} is already up; "
                            f"`hack/cluster.sh down` first, or use KUBECONFIG={state_dir}/admin.kubeconfig")
@@ -301,7 +305,7 @@ def up(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState:
     (state_dir / "logs").mkdir()
     pki = state_dir / "pki"
     _make_pki(pki)
-    state = ClusterState(state_dir=str(state_dir), bin_dir=str(binaries))
+    state = ClusterState(state_dir=str(state_dir), bin_dir=str(binaries), extra_args=extra_args or {})
     state.ports = {name: _free_port() for name in
                    ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
     state.save()

@@ -24,7 +24,7 @@ def plan(kubeconfig: str, tmp_path: Path, manifest: dict[str, Any]) -> tuple[int
     path.write_text(json.dumps(manifest))
     env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONPATH": str(REPO_ROOT / "operator")}
     done = subprocess.run([sys.executable, "-m", "gpucluster.cli", "plan", "-f", str(path), "-o", "json"],
-                          capture_output=True, text=True, env=env, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=300)
     return done.returncode, json.loads(done.stdout) if done.stdout else {}, done.stderr
 
 
@@ -95,7 +95,7 @@ def test_plan_then_apply_agree_for_each_kind_of_change(kubectl: Kubectl, kubecon
         assert "spec.pools[0].remediation.maxUnavailable" in err and "150%" in err
     finally:
         kubectl.run("delete", "tj", "--all", "-n", "default", "--wait=true", "--timeout=60s")
-        kubectl.run("delete", "tc", name, "--timeout=60s")
+        kubectl.delete_cluster(name)
 
 
 def test_plan_of_jobs(kubectl: Kubectl, kubeconfig: str, tmp_path: Path,
@@ -127,4 +127,4 @@ def test_plan_of_jobs(kubectl: Kubectl, kubeconfig: str, tmp_path: Path,
         assert code == 2 and "immutable while the job is Admitted or Running" in err
     finally:
         kubectl.run("delete", "tj", "--all", "-n", "default", "--wait=true", "--timeout=60s")
-        kubectl.run("delete", "tc", name, "--timeout=60s")
+        kubectl.delete_cluster(name)

@@ -158,6 +158,8 @@ CRDS = [
              "description": "Position among waiting jobs"},
             {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
             {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+            {"name": "Starts By", "type": "string", "jsonPath": ".status.startsBy", "priority": 1,
+             "description": "The head's latest start, from run-time limits"},
             {"name": "Nodes", "type": "string", "jsonPath": ".status.nodeList", "priority": 1,
              "description": "The gang's nodes in hostlist notation"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
