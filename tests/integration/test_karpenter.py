@@ -156,7 +156,7 @@ def test_apply_scale_up_scale_down_by_our_choice_and_delete(
         "labels": {"gpucluster.dev/cluster": name, "gpucluster.dev/pool": "h100",
                    "gpucluster.dev/provider": "karpenter"}}})
     kubectl.run("delete", "pod", pods[0], "--wait=false")
-    kubectl.run("delete", "tc", name, "--timeout=120s")
+    kubectl.delete_cluster(name, timeout=120)
     assert nodepools_of(kubectl, name) == [] and nodes_of(kubectl, name) == []
     wait_for(lambda: nodeclaims_of(kubectl, name) == [], timeout=30, what="NodeClaims gone")
     orphans = [e for e in events_of(kubectl, name) if e["reason"] == "OrphanNodesDeleted"]
@@ -187,7 +187,7 @@ def test_a_fatal_xid_replaces_the_node_through_its_nodeclaim(
     wait_ready(kubectl, name, 2, timeout=60)
     assert {"NodeQuarantined", "NodeReplaced"} <= {e["reason"] for e in events_of(kubectl, name)}
     assert len(nodeclaims_of(kubectl, name)) == 2
-    kubectl.run("delete", "tc", name, "--timeout=120s")
+    kubectl.delete_cluster(name, timeout=120)
 
 
 def test_operator_restart_mid_scale_up_neither_doubles_the_nodepool_nor_loses_a_node(
@@ -203,7 +203,7 @@ def test_operator_restart_mid_scale_up_neither_doubles_the_nodepool_nor_loses_a_
     wait_for(lambda: numbered(kubectl, name, total), timeout=60, what=f"{total} nodes numbered 0..{total - 1}")
     assert len(nodepools_of(kubectl, name)) == 1
     assert len(nodeclaims_of(kubectl, name)) == total
-    kubectl.run("delete", "tc", name, "--timeout=180s")
+    kubectl.delete_cluster(name, timeout=180)
     assert nodes_of(kubectl, name) == []
 
 
@@ -232,7 +232,7 @@ def test_slow_launches_and_a_nodepool_karpenter_refuses_are_named(
     assert (pools["h200"]["nodePoolReady"], pools["h200"]["nodeClaims"]) == ("False", 0)
     assert "1/3 launched, 0 registered" in kubectl.run("get", "tc", name).stdout
     assert condition(kubectl.get("tc", name), "Ready")["status"] == "False"
-    kubectl.run("delete", "tc", name, "--timeout=120s")
+    kubectl.delete_cluster(name, timeout=120)
     wait_for(lambda: nodeclaims_of(kubectl, name) == [], timeout=60, what="NodeClaims gone")
 
 
