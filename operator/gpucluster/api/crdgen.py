@@ -134,6 +134,8 @@ CRDS = [
              "description": "GPUs on ready nodes"},
             {"name": "Healthy", "type": "integer", "jsonPath": ".status.healthyGPUs",
              "description": "GPUs on healthy nodes", "priority": 1},
+            {"name": "Provisioning", "type": "string", "jsonPath": ".status.provisioning",
+             "description": "karpenter pools' NodeClaims by launch stage"},
             {"name": "Ready", "type": "string",
              "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
