@@ -229,10 +229,6 @@ class TraceJob:
     job: PendingJob
     duration: float
 
-    @property
-    def limit(self) -> float | None:
-        return self.job.time_limit
-
 
 @dataclass
 class Simulation:
