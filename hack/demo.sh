@@ -11,10 +11,19 @@ state="$root/.local-cluster"
 venv="${VENV:-$root/.venv}"
 pids="$state/demo.pids"
 
+# Stops the operator and agent this script started, before the control
+# plane goes: a Kopf operator asked to stop while its API server is going
+# away may keep retrying, so a process still there after 15 s is killed.
 stop_ours() {
-  if [[ -f "$pids" ]]; then
-    while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$pids"
-  fi
+  [[ -f "$pids" ]] || return 0
+  local pid waited
+  mapfile -t started <"$pids"
+  for pid in "${started[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${started[@]}"; do
+    waited=0
+    while kill -0 "$pid" 2>/dev/null && ((waited < 150)); do sleep 0.1; waited=$((waited + 1)); done
+    kill -9 "$pid" 2>/dev/null || true
+  done
   rm -f "$pids"
 }
 
