@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 $(BIN)/gpucluster: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,nvml]'
+	$(BIN)/pip install -q -e '.[dev,nvml,sim]'
 	touch $@
 
 binaries:
 	hack/build-binaries.sh
 	hack/build-kubelet.sh >/dev/null
+	hack/build-kueue.sh >/dev/null
 
 demo: $(BIN)/gpucluster binaries
 	hack/demo.sh

@@ -1,5 +1,6 @@
 """What the cluster benchmarks share: a local control plane with the CRDs
-applied, kubectl and a client on it, and a raw node watch."""
+applied, kubectl and a client on it, a raw node watch, and the CPU time of
+a process."""
 
 from __future__ import annotations
 
@@ -23,33 +24,39 @@ sys.path.insert(0, str(REPO / "operator"))
 from gpucluster import devcluster  # noqa: E402
 from gpucluster.kube.client import CONCURRENCY  # noqa: E402
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class BenchCluster:
     kubeconfig: str
     core: kubernetes.client.CoreV1Api
     kubectl_bin: str
+    state_dir: Path
 
     def kubectl(self, *argv: str, input: str | None = None) -> str:
         return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
                               text=True, capture_output=True, check=True).stdout
 
-    def gpucluster(self, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+    def gpucluster(self, *argv: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A `gpucluster` subcommand against this cluster, logging to `log`."""
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator")}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONPATH": str(REPO / "operator"), **(env or {})}
         with open(log, "wb") as out:
             return subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *argv], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
-def bench_cluster(name: str) -> Iterator[BenchCluster]:
-    """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied."""
+def bench_cluster(name: str, extra_args: dict[str, list[str]] | None = None) -> Iterator[BenchCluster]:
+    """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied;
+    `extra_args` adds flags to its components (devcluster.up)."""
     external = os.environ.get("GPUCLUSTER_KUBECONFIG")
     state_dir = REPO / ".local-cluster" / name
+    # A run stopped with SIGTERM unwinds through the finally below.
+    devcluster.interrupt_on_sigterm()
     if not external:
         devcluster.down(state_dir)
-        kubeconfig = devcluster.up(state_dir).kubeconfig
+        kubeconfig = devcluster.up(state_dir, extra_args).kubeconfig
     else:
         kubeconfig = external
     try:
@@ -57,7 +64,7 @@ def bench_cluster(name: str) -> Iterator[BenchCluster]:
         kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         configuration.connection_pool_maxsize = CONCURRENCY * 2
         cluster = BenchCluster(kubeconfig, kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration)),
-                               str(devcluster.bin_dir() / "kubectl"))
+                               str(devcluster.bin_dir() / "kubectl"), Path(kubeconfig).parent)
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd", "--all")
         yield cluster
@@ -71,28 +78,44 @@ def watch_nodes(core: kubernetes.client.CoreV1Api, selector: str,
     """Streams node events as raw JSON (the client's model decoding would be
     the bottleneck at thousands of nodes) to `on_event(type, node)` on a
     thread, until it returns True or the control plane goes away."""
+    return watch_raw(core.list_node, selector, on_event)
+
+
+def watch_raw(list_call: Callable[..., Any], selector: str,
+              on_event: Callable[[str, dict[str, Any]], bool]) -> threading.Thread:
+    """`watch_nodes` for any list call of the client (pods of all namespaces:
+    `core.list_pod_for_all_namespaces`)."""
     def run() -> None:
         version = "0"
         while True:
             try:
-                stream = core.list_node(watch=True, label_selector=selector, resource_version=version,
-                                        allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
+                stream = list_call(watch=True, label_selector=selector, resource_version=version,
+                                   allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
             except urllib3.exceptions.HTTPError:
                 return
-            buffer = b""
-            for chunk in _chunks(stream):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    event = json.loads(line)
-                    version = event["object"]["metadata"].get("resourceVersion", version)
-                    if event["type"] != "BOOKMARK" and on_event(event["type"], event["object"]):
-                        stream.close()
-                        return
+            for event in _events(stream):
+                if event["type"] == "ERROR":
+                    # 410 Gone: the version fell out of the watch cache; start
+                    # again from a fresh list (every object ADDED again).
+                    version = "0"
+                    stream.close()
+                    break
+                version = event["object"]["metadata"].get("resourceVersion", version)
+                if event["type"] != "BOOKMARK" and on_event(event["type"], event["object"]):
+                    stream.close()
+                    return
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def _events(stream: Any) -> Iterator[dict[str, Any]]:
+    buffer = b""
+    for chunk in _chunks(stream):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (json.loads(line) for line in lines)
 
 
 def _chunks(stream: Any) -> Iterator[bytes]:
@@ -102,3 +125,9 @@ def _chunks(stream: Any) -> Iterator[bytes]:
         yield from stream.stream(1 << 16)
     except urllib3.exceptions.HTTPError:
         return
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS

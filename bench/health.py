@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,16 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BenchCluster, bench_cluster, watch_nodes
+from common import BenchCluster, bench_cluster, cpu_seconds, watch_nodes
 from gpucluster import names
 from gpucluster.kube.client import read_reply
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def percentile(values: list[float], q: float) -> float:

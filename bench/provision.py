@@ -28,17 +28,20 @@ from gpucluster.api.gpus import GPUProduct
 from gpucluster.kube.client import CONCURRENCY
 from gpucluster.kube.nodes import PoolNodeTemplate
 from gpucluster.planning.pools import PoolProvider, PoolShape, plan_pool
+from tqdm import tqdm
 
 NODES_PER_RACK, RACKS_PER_BLOCK = 4, 8
 
 
 class ReadyCounter:
-    """Signals once `target` nodes of the selector are Ready."""
+    """Signals once `target` nodes of the selector are Ready, and shows on
+    stderr how many are as it goes: Ready / desired, rate, estimate."""
 
-    def __init__(self, bench: BenchCluster, selector: str, target: int) -> None:
+    def __init__(self, bench: BenchCluster, selector: str, target: int, what: str) -> None:
         self.target = target
         self.ready: set[str] = set()
         self.done = threading.Event()
+        self.bar = tqdm(total=target, desc=f"{what}: nodes Ready", unit="node", mininterval=1, leave=False)
         watch_nodes(bench.core, selector, self._see)
 
     def _see(self, kind: str, node: dict[str, Any]) -> bool:
@@ -48,9 +51,16 @@ class ReadyCounter:
             self.ready.add(name)
         else:
             self.ready.discard(name)
+        self.bar.update(len(self.ready) - self.bar.n)
         if len(self.ready) >= self.target:
             self.done.set()
         return self.done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            return self.done.wait(timeout)
+        finally:
+            self.bar.close()
 
 
 def manifests(cluster: str, count: int) -> list[dict[str, Any]]:
@@ -64,11 +74,11 @@ def raw_create(bench: BenchCluster, count: int, timeout: float) -> float:
     """A plain client creating the same nodes with the same concurrency."""
     cluster = f"raw{int(time.time()) % 100000}"
     bodies = manifests(cluster, count)
-    counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count)
+    counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count, "raw")
     start = time.monotonic()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(lambda b: bench.core.create_node(b, _preload_content=False), bodies))
-    if not counter.done.wait(timeout):
+    if not counter.wait(timeout):
         raise SystemExit(f"raw: only {len(counter.ready)}/{count} Ready after {timeout} s")
     elapsed = time.monotonic() - start
     bench.core.delete_collection_node(label_selector=f"{names.LABEL_CLUSTER}={cluster}")
@@ -77,14 +87,14 @@ def raw_create(bench: BenchCluster, count: int, timeout: float) -> float:
 
 def operator_create(bench: BenchCluster, count: int, timeout: float) -> float:
     cluster = f"op{int(time.time()) % 100000}"
-    counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count)
+    counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count, "operator")
     manifest = {"apiVersion": names.API_VERSION, "kind": "TrainingCluster", "metadata": {"name": cluster},
                 "spec": {"pools": [{"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": count,
                                     "topology": {"nodesPerRack": NODES_PER_RACK,
                                                  "racksPerBlock": RACKS_PER_BLOCK}}]}}
     start = time.monotonic()
     bench.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    if not counter.done.wait(timeout):
+    if not counter.wait(timeout):
         raise SystemExit(f"operator: only {len(counter.ready)}/{count} Ready after {timeout} s")
     elapsed = time.monotonic() - start
     bench.kubectl("delete", "tc", cluster, "--timeout=600s")

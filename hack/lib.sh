@@ -6,6 +6,9 @@ source "$HACK_DIR/versions.env"
 CACHE_KEY="$(grep -v '^#' "$HACK_DIR/versions.env" | sha256sum | cut -c1-12)"
 CACHE_ROOT="${GPUCLUSTER_CACHE:-$HOME/.cache/gpucluster}"
 BIN_DIR="$CACHE_ROOT/$KUBERNETES_VERSION-$CACHE_KEY/bin"
+# Kueue's CRDs and webhook manifests (crd/, webhook/), copied from the
+# module its binary in $BIN_DIR was built from (hack/build-kueue.sh).
+KUEUE_DIR="$CACHE_ROOT/$KUBERNETES_VERSION-$CACHE_KEY/kueue-$KUEUE_VERSION"
 # Version stamp for every Kubernetes binary built here, as upstream's
 # hack/lib/version.sh sets it: without it the API server reports
 # v0.0.0-master+$Format:%H$, which Kueue, `kubectl version` and Helm's

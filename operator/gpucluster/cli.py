@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpucluster import __version__, runner
+from gpucluster import __version__, plan_cli, runner
 from gpucluster.agent import cli as agent_cli
+from gpucluster.sim import cli as sim_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_parser(sub)
     agent_cli.add_agent_parser(sub)
     agent_cli.add_device_plugin_parser(sub)
+    sim_cli.add_parser(sub)
+    plan_cli.add_parser(sub)
     dev = sub.add_parser("dev-cluster", help="the local control plane with KWOK GPU nodes",
                          add_help=False)
     dev.set_defaults(func=None)

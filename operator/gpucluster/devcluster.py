@@ -6,6 +6,32 @@ certificates made here, RBAC on, and every port picked free at start so two
 checkouts can run side by side. It is the embedded default of the demo and
 of the integration tests: no Docker and no existing cluster needed.
 
+Nodes stay Ready the way kubelets keep them Ready, so that the operator
+sees the Node traffic of a real cluster (`hack/kwok.yaml` is KWOK's
+configuration; `bench/hold.py` measures what it costs):
+- KWOK renews each node's Lease every 10 s (a quarter of its 40 s
+  duration, as the kubelet does).
+- The controller manager marks a node NotReady when neither its Lease nor
+  its status moved for 600 s (checked every 5 s), not Kubernetes' 50 s:
+  past the longest status interval, so that either keeps a node Ready. On 2
+  shared cores the API server can't take thousands of renewals every 10 s,
+  and KWOK serves new nodes' Leases before renewals: with 50 s, 2,000 nodes
+  created at once flapped from about 450 Ready on (`bench/hold.py`, at a
+  load of 22). A KWOK that stops is still noticed, after 10 minutes; tests
+  that need a node down say so (below).
+- The Node status is posted by a heartbeat Stage 150 s to 450 s (uniformly)
+  after the node last changed: 300 s on average, the kubelet's report
+  interval when nothing changes, so N nodes make N / 300 status writes a
+  second (83/s at 25,000). With a spread as wide as the mean, nodes created
+  in one burst post at that rate from their first cycle on, not in lockstep.
+- Without Leases, KWOK v0.7.0 picks its heartbeat Stage meant for nodes
+  with Leases (a status post every 600 s to 610 s), so every node went
+  NotReady when the controller manager's grace (then 180 s) ran out, at any
+  node count.
+- A node annotated `kwok.x-k8s.io/status=custom` keeps the status a test
+  writes: a Stage of its own matches it and so replaces the node's pending
+  heartbeat. Removing the annotation makes it Ready again.
+
 Standard library only, so `hack/cluster.sh` works before any virtualenv.
 The binaries come from `hack/build-binaries.sh` (built once, then cached).
 """
@@ -40,6 +66,9 @@ SERVICE_CLUSTER_IP = "10.96.0.1"
 # its own network namespace and relays to 127.0.0.1, so its pods reach the API
 # server through 10.96.0.1 as pods anywhere do.
 API_ADVERTISE_ADDRESS = "10.90.0.1"
+KWOK_CONFIG = REPO_ROOT / "hack" / "kwok.yaml"
+NODE_MONITOR_GRACE_PERIOD_S = 600
+NODE_MONITOR_PERIOD_S = 5
 
 
 class ClusterError(RuntimeError):
@@ -53,6 +82,9 @@ class ClusterState:
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
+    # Flags appended to a component's command line, by component name (a
+    # benchmark's KWOK stages, a scheduler's client QPS).
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def kubeconfig(self) -> str:
@@ -61,6 +93,10 @@ class ClusterState:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def audit_log(self) -> str:
+        return str(Path(self.state_dir) / "logs" / "audit.log")
 
     def save(self) -> None:
         (Path(self.state_dir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -95,6 +131,21 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
+_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+_CLIENT_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+               "extendedKeyUsage=clientAuth\n")
+
+
+def _issue(pki: Path, name: str, subject: str, extensions: str) -> None:
+    ext = pki / f"{name}.ext"
+    ext.write_text(extensions)
+    _openssl("req", *_EC_KEY, "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.csr"),
+             "-subj", subject)
+    _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
+             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "3650",
+             "-out", str(pki / f"{name}.crt"), "-extfile", str(ext))
+
+
 def _make_pki(pki: Path) -> None:
     """A CA, the API server's serving certificate, one client certificate per
     identity, and the service-account signing key pair. Made once per state
@@ -102,30 +153,17 @@ def _make_pki(pki: Path) -> None:
     if (pki / "done").exists():
         return
     pki.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
+    _openssl("req", "-x509", *_EC_KEY, "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
              "-days", "3650", "-subj", "/CN=gpucluster-local-ca")
-
-    def issue(name: str, subject: str, extensions: str) -> None:
-        ext = pki / f"{name}.ext"
-        ext.write_text(extensions)
-        _openssl("req", *ec, "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.csr"),
-                 "-subj", subject)
-        _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
-                 "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "3650",
-                 "-out", str(pki / f"{name}.crt"), "-extfile", str(ext))
-
-    issue("apiserver", "/CN=kube-apiserver",
-          "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-          "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,"
-          f"DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:{SERVICE_CLUSTER_IP}\n")
-    client_ext = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                  "extendedKeyUsage=clientAuth\n")
-    issue("admin", "/O=system:masters/CN=gpucluster-admin", client_ext)
-    issue("controller-manager", "/CN=system:kube-controller-manager", client_ext)
-    issue("scheduler", "/CN=system:kube-scheduler", client_ext)
+    _issue(pki, "apiserver", "/CN=kube-apiserver",
+           "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+           "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,"
+           f"DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:{SERVICE_CLUSTER_IP}\n")
+    _issue(pki, "admin", "/O=system:masters/CN=gpucluster-admin", _CLIENT_EXT)
+    _issue(pki, "controller-manager", "/CN=system:kube-controller-manager", _CLIENT_EXT)
+    _issue(pki, "scheduler", "/CN=system:kube-scheduler", _CLIENT_EXT)
     # KWOK plays every kubelet and patches node and pod status cluster-wide.
-    issue("kwok", "/O=system:masters/CN=kwok-controller", client_ext)
+    _issue(pki, "kwok", "/O=system:masters/CN=kwok-controller", _CLIENT_EXT)
     _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
     _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
     (pki / "done").write_text("")
@@ -144,6 +182,18 @@ def _write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
             "cluster": "gpucluster-local", "user": user}}],
         "current-context": "gpucluster-local",
     }, indent=2))
+
+
+def admin_kubeconfig_as(state: ClusterState, user: str) -> str:
+    """A kubeconfig for a cluster admin of its own name (`user`), so the
+    audit log tells its requests from everyone else's: two operator
+    replicas, say. Its certificate is made once per state folder."""
+    pki = Path(state.state_dir) / "pki"
+    if not (pki / f"{user}.crt").exists():
+        _issue(pki, user, f"/O=system:masters/CN={user}", _CLIENT_EXT)
+    path = Path(state.state_dir) / f"{user}.kubeconfig"
+    _write_kubeconfig(path, state.server, pki, user)
+    return str(path)
 
 
 def _tail(path: str, lines: int = 30) -> str:
@@ -172,8 +222,8 @@ def _start(state: ClusterState, name: str, args: list[str]) -> None:
     with open(log_path, "ab") as log:
         # A session of its own: the cluster outlives the `up` command and is
         # stopped only by `down`, by pid.
-        proc = subprocess.Popen([binary, *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen([binary, *args[1:], *state.extra_args.get(name, [])], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _children[name] = proc
     state.pids[name] = proc.pid
     state.logs[name] = log_path
@@ -245,10 +295,11 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState | None:
     return state if running else None
 
 
-def up(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState:
+def up(state_dir: Path = DEFAULT_STATE_DIR, extra_args: dict[str, list[str]] | None = None) -> ClusterState:
     """Starts the control plane and KWOK, and returns once the API server is
     ready, the controllers and scheduler are healthy, and the `default`
-    service account exists (pods can be created)."""
+    service account exists (pods can be created). `extra_args` adds flags to
+    a component, by name (`{"kwok": ["--config=stages.yaml"]}`)."""
     if status(state_dir) is not None:
         raise ClusterError(f"a cluster of {state_dir} is already up; "
                            f"`hack/cluster.sh down` first, or use KUBECONFIG={state_dir}/admin.kubeconfig")
@@ -260,7 +311,7 @@ def up(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState:
     (state_dir / "logs").mkdir()
     pki = state_dir / "pki"
     _make_pki(pki)
-    state = ClusterState(state_dir=str(state_dir), bin_dir=str(binaries))
+    state = ClusterState(state_dir=str(state_dir), bin_dir=str(binaries), extra_args=extra_args or {})
     state.ports = {name: _free_port() for name in
                    ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
     state.save()
@@ -275,9 +326,26 @@ def up(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState:
     return state
 
 
+# Who changed what, and when: every write but the control plane's own and
+# KWOK's (thousands of simulated kubelets' heartbeats), at metadata level.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "users": ["kwok-controller", "system:kube-controller-manager",
+                                    "system:kube-scheduler", "system:apiserver"]},
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+        {"level": "None", "verbs": ["get", "list", "watch"]},
+        {"level": "Metadata"},
+    ],
+}
+
+
 def _start_all(state: ClusterState, pki: Path) -> None:
     sd = Path(state.state_dir)
     p = state.ports
+    (sd / "audit-policy.json").write_text(json.dumps(AUDIT_POLICY, indent=2))
     etcd_url = f"http://127.0.0.1:{p['etcd']}"
     peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
     _start(state, "etcd", [
@@ -307,6 +375,8 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         "--authorization-mode=Node,RBAC", "--allow-privileged=true",
         # Room for the provisioning benchmark's thousands of concurrent writes.
         "--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000",
+        f"--audit-policy-file={sd / 'audit-policy.json'}", f"--audit-log-path={state.audit_log}",
+        "--audit-log-format=json", "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
         "--profiling=false", "--v=1",
     ])
     _wait_until(state, "kube-apiserver",
@@ -324,10 +394,8 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         f"--cluster-signing-cert-file={pki / 'ca.crt'}",
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         "--kube-api-qps=200", "--kube-api-burst=400",
-        # Thousands of simulated kubelets share 2 cores with the control
-        # plane here; a heartbeat posted late must not flip nodes to Unknown.
-        # Tests that need a node down say so explicitly (a status patch).
-        "--node-monitor-grace-period=180s", "--v=1",
+        f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD_S}s",
+        f"--node-monitor-period={NODE_MONITOR_PERIOD_S}s", "--v=1",
     ])
     _start(state, "kube-scheduler", [
         "kube-scheduler", f"--kubeconfig={sd / 'scheduler.kubeconfig'}",
@@ -337,14 +405,7 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         "--leader-elect=false", "--v=1",
     ])
     _start(state, "kwok", [
-        "kwok", f"--kubeconfig={sd / 'kwok.kubeconfig'}",
-        "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        "--manage-nodes-with-label-selector=",
-        # A node or pod carrying this annotation keeps the status a test wrote.
-        "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
-        "--disregard-status-with-label-selector=",
-        "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1",
+        "kwok", f"--kubeconfig={sd / 'kwok.kubeconfig'}", f"--config={KWOK_CONFIG}",
         f"--server-address=127.0.0.1:{p['kwok']}",
     ])
     _wait_until(state, "kube-controller-manager",
@@ -356,6 +417,16 @@ def _start_all(state: ClusterState, pki: Path) -> None:
     _wait_until(state, "kube-controller-manager",
                 lambda: _https_ok(state, f"{state.server}/api/v1/namespaces/default/serviceaccounts/default"),
                 "creating the default service account")
+
+
+def interrupt_on_sigterm() -> None:
+    """Makes SIGTERM raise KeyboardInterrupt, as Ctrl-C does. A benchmark or a
+    test session stopped with `kill` (or by a CI timeout) then unwinds through
+    its `finally` blocks and fixtures and stops the control plane it started;
+    Python's default for SIGTERM is to die at once and leave it running."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
@@ -396,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from gpucluster import realnode
     state_dir: Path = args.state_dir.resolve()
+    # An `up` stopped half-way stops what it had started.
+    interrupt_on_sigterm()
     try:
         if args.action == "build":
             print(bin_dir())

@@ -15,6 +15,9 @@ from gpucluster import names
 
 LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                "json": kopf.LogFormat.JSON}
+# The exit status of a replica that peering paused after it led (EX_TEMPFAIL):
+# nothing failed, and it is to be started again, as a standby.
+EXIT_LEAD_LOST = 75
 
 
 class _QuietTimers(logging.Filter):
@@ -64,16 +67,38 @@ def add_parser(subparsers: Any) -> None:
                      help="Kopf peering name: replicas sharing it elect one active operator")
     run.add_argument("--priority", type=int, default=None,
                      help="Kopf peering priority: the highest of the replicas alive is active, the "
-                          "others wait. Default: the start time in milliseconds, so the newest replica "
-                          "leads (a rolling update hands over to the new version) and replicas never tie "
-                          "(Kopf pauses every replica of a tie)")
+                          "others wait. Default: minus the start time in milliseconds, so the oldest "
+                          "replica leads and a new one never pauses a live leader (it stands by until "
+                          "the leader exits or dies), replicas never tie (Kopf pauses every replica of "
+                          "a tie), and any explicit priority >= 0 outranks them all")
+    run.add_argument("--peering-lifetime", type=int, default=6, metavar="SECONDS",
+                     help="how long a replica's keep-alive in the peering object counts: a standby "
+                          "takes over between min(lifetime-1, 5) and lifetime seconds after the active "
+                          "replica dies. Kopf renews it every max(1, lifetime - 5..10) s, so below 11 s "
+                          "each replica patches the peering object every 1-5 s (default: %(default)s, "
+                          "once a second)")
     run.set_defaults(func=run_operator)
+
+
+def peering_settings(lifetime: int) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.peering.lifetime = lifetime
+    # One keep-alive a second would otherwise be a debug line a second.
+    settings.peering.stealth = True
+    return settings
 
 
 def run_operator(args: argparse.Namespace) -> int:
     # Imported for their decorators: this registers every handler and index.
     from gpucluster import handlers  # noqa: F401
     from gpucluster.handlers.state import OperatorState
+    from gpucluster.kube import client
+
+    state = OperatorState(served_namespaces=tuple(args.namespace))
+    # The client's API classes build a validator per method when first made:
+    # a second of CPU, paid here rather than by a standby as it takes over.
+    client.core()
+    client.custom()
 
     kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
     logging.getLogger("kopf.objects").addFilter(_QuietTimers())
@@ -85,7 +110,9 @@ def run_operator(args: argparse.Namespace) -> int:
         liveness_endpoint=liveness,
         standalone=args.peering is None,
         peering_name=args.peering,
-        priority=args.priority if args.priority is not None else time.time_ns() // 1_000_000,
-        memo=kopf.Memo(state=OperatorState(served_namespaces=tuple(args.namespace))),
+        priority=args.priority if args.priority is not None else -(time.time_ns() // 1_000_000),
+        settings=peering_settings(args.peering_lifetime),
+        memo=kopf.Memo(state=state),
+        stop_flag=state.lead_lost,
     ))
-    return 0
+    return EXIT_LEAD_LOST if state.lead_lost.is_set() else 0

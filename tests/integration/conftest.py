@@ -26,6 +26,8 @@ def cluster() -> Iterator[devcluster.ClusterState]:
         yield devcluster.ClusterState(state_dir=str(Path(external).parent),
                                       bin_dir=str(devcluster.bin_dir()))
         return
+    # A session stopped with SIGTERM unwinds through this fixture's finally.
+    devcluster.interrupt_on_sigterm()
     devcluster.down(TEST_STATE_DIR)
     state = devcluster.up(TEST_STATE_DIR)
     try:

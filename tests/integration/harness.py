@@ -85,10 +85,12 @@ class GpuclusterProcess:
 
     role = "gpucluster"
 
-    def __init__(self, kubeconfig: str, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, kubeconfig: str, log_dir: Path, extra_args: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.extra_args = extra_args
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.metrics_port = 0
@@ -103,7 +105,7 @@ class GpuclusterProcess:
     def start(self) -> None:
         self.starts += 1
         self.metrics_port = free_port()
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *self.command(),
                                           *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -209,31 +209,32 @@ def condition(obj: dict[str, Any], kind: str) -> str | None:
 def test_two_replicas_as_the_service_account_one_active(
         replicas_as_service_account: tuple[OperatorProcess, OperatorProcess], kubectl: Kubectl) -> None:
     older, newer = replicas_as_service_account
-    # The newer replica leads (runner's default priority is the start time);
-    # the older one pauses rather than both freezing, as Kopf does on a tie.
-    wait_for(lambda: "Pausing operations in favour of" in older.log_path.read_text(), timeout=30,
-             what=f"the older replica to stand by; log: {older.log_path}")
+    # The older replica leads (runner's default priority is minus the start
+    # time); the newer one starts paused and stays so beside it, rather than
+    # both freezing, as Kopf does on a tie.
+    wait_for(lambda: len(kubectl.get("clusterkopfpeering", PEERING).get("status") or {}) == 2, timeout=30,
+             what=f"the newer replica's keep-alive; log: {newer.log_path}")
     name = f"helm-{RUN}"
     kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingCluster", "metadata": {"name": name},
                    "spec": {"pools": [{"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": 2,
                                        "topology": {"nodesPerRack": 2, "racksPerBlock": 1}}]}})
     try:
         wait_for(lambda: condition(kubectl.get("tc", name), "Ready") == "True", timeout=60,
-                 what=f"{name} Ready; operator log: {newer.log_path}")
+                 what=f"{name} Ready; operator log: {older.log_path}")
         job = f"{name}-job"
         kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingJob",
                        "metadata": {"name": job, "namespace": "default"},
                        "spec": {"cluster": name, "pool": "h100", "workers": 2, "gpusPerWorker": 8,
                                 "template": {"spec": {"containers": [{"name": "trainer", "image": "pytorch"}]}}}})
         wait_for(lambda: (kubectl.get("tj", "-n", "default", job).get("status") or {}).get("phase") == "Running",
-                 timeout=45, what=f"{job} Running; operator log: {newer.log_path}")
+                 timeout=45, what=f"{job} Running; operator log: {older.log_path}")
     finally:
         kubectl.run("delete", "tj", "-n", "default", f"{name}-job", "--timeout=60s", check=False)
         kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
     assert kubectl.get("nodes", "-l", f"gpucluster.dev/cluster={name}")["items"] == []
-    assert "Pausing" not in newer.log_path.read_text()
+    assert "Pausing" not in older.log_path.read_text()
     # The standby did not touch the cluster.
-    assert name not in older.log_path.read_text()
+    assert name not in newer.log_path.read_text() and "Resuming" not in newer.log_path.read_text()
     for replica in (older, newer):
         log = replica.log_path.read_text()
         assert "conflicting operators" not in log, replica.log_path

@@ -195,3 +195,27 @@ def test_overlay_trusts_a_decision_until_the_index_shows_it() -> None:
 
 def test_transition_default_is_nothing() -> None:
     assert Transition().empty and not step(job(Phase.SUCCEEDED), seen(), NOW).status
+
+
+def test_a_plan_whose_inputs_did_not_change_is_skipped() -> None:
+    from gpucluster.planning.lifecycle import ClusterFacts, admission_cycle
+
+    facts = ClusterFacts(nodes=list(NODES.values()), pods={"ns/job": [pod(0), pod(1)]},
+                         products={"h100": "H100"}, desired_nodes={"h100": 4})
+    waiting = job(Phase.QUEUED, key="ns/big", name="big", workers=3, nodes=(), queue_position=1)
+    jobs = [job(), waiting]
+    first = admission_cycle(jobs, facts, NOW)
+    assert first.plan is not None and first.inputs is not None and first.transitions == ()
+    again = admission_cycle(jobs, facts, NOW + 1, unchanged_since=first.inputs)
+    assert again.plan is None and again.inputs == first.inputs
+    freed = ClusterFacts(nodes=facts.nodes, pods={"ns/job": [pod(0, "Succeeded"), pod(1, "Succeeded")]},
+                         products=facts.products, desired_nodes=facts.desired_nodes)
+    after = admission_cycle(jobs, freed, NOW + 2, unchanged_since=first.inputs)
+    assert after.plan is not None and "ns/big" in after.plan.admissions, "the gang ended: plan again"
+
+
+def test_a_failed_job_queued_again_starts_a_new_attempt() -> None:
+    """Its old pods may still terminate: the new ones must not share their attempt (nor their names)."""
+    again = step(job(Phase.FAILED, reason="UnknownPriorityClass"), judged(("h100", 0)), NOW)
+    assert again.status["attempt"] == 2 and again.assume is not None and again.assume.attempt == 2
+    assert step(job(None, pool="", nodes=(), attempt=0), judged(("h100", 0)), NOW).status["attempt"] == 0

@@ -233,8 +233,9 @@ CASES = [
         "a small job backfills beside the head's reservation",
         running=[gang("x", whole("b0r0n0", "b0r0n1", "b0r1n0", "b1r0n0", "b1r0n1"))],
         pending=[job("head", 4, 8, arrival=0), job("small", 1, 8, arrival=1)],
-        # Drained, both blocks hold the head; x has fewer nodes to leave in b1.
-        reserved={"head": ("b1r0n0", "b1r0n1", "b1r1n0", "b1r1n1")},
+        # The five nodes x frees hold the head: it reserves four of them (b0's
+        # three, then one of b1's) and none of the three idle now.
+        reserved={"head": ("b0r0n0", "b0r0n1", "b0r1n0", "b1r0n0")},
         admitted={"small": ("b0r1n1",)},
         positions={"head": 1},
     ),
@@ -249,6 +250,96 @@ CASES = [
         pending=[job("head", 2, 8), job("fill", 1, 4, arrival=1)],
         reserved={"head": ("b0r0n0", "b0r0n1")},
         admitted={"fill": ("b1r0n0",)},
+        positions={"head": 1},
+    ),
+    Case(
+        "the head reserves the nodes of the gang it waits for, not idle ones",
+        nodes=cluster(1, 1, 8),
+        running=[gang("a", whole(*(f"b0r0n{n}" for n in range(6))))],
+        pending=[job("b", 6, 8), job("c", 1, 8, arrival=1), job("d", 1, 8, arrival=2)],
+        # b waits for a whatever it reserves; a's six nodes are all it needs.
+        reserved={"b": tuple(f"b0r0n{n}" for n in range(6))},
+        admitted={"c": ("b0r0n6",), "d": ("b0r0n7",)},
+        positions={"b": 1},
+    ),
+    Case(
+        "a head needing idle nodes besides a gang's takes those nearest the gang",
+        nodes=cluster(2, 1, 4),
+        running=[gang("a", whole("b1r0n0", "b1r0n1", "b1r0n2"))],
+        pending=[job("head", 6, 8), job("c", 1, 8, arrival=1), job("d", 1, 8, arrival=2)],
+        # a frees three nodes; of the three idle ones the head still needs,
+        # the one in a's block first.
+        reserved={"head": ("b0r0n0", "b0r0n1", "b1r0n0", "b1r0n1", "b1r0n2", "b1r0n3")},
+        admitted={"c": ("b0r0n2",), "d": ("b0r0n3",)},
+        positions={"head": 1},
+    ),
+    Case(
+        "of two gangs either of which lets the head in, it waits for the larger",
+        nodes=cluster(1, 1, 8),
+        running=[
+            gang("large", whole("b0r0n0", "b0r0n1", "b0r0n2", "b0r0n3")),
+            gang("small", whole("b0r0n4", "b0r0n5")),
+        ],
+        pending=[job("head", 4, 8), job("c", 1, 8, arrival=1), job("d", 1, 8, arrival=2)],
+        # Waiting for small would hold back both idle nodes as well.
+        reserved={"head": ("b0r0n0", "b0r0n1", "b0r0n2", "b0r0n3")},
+        admitted={"c": ("b0r0n6",), "d": ("b0r0n7",)},
+        positions={"head": 1},
+    ),
+    Case(
+        "of gangs freeing as much, the head waits for the one admitted first",
+        nodes=cluster(1, 1, 4),
+        running=[
+            gang("young", whole("b0r0n0", "b0r0n1"), admitted_at=5 * HOUR),
+            gang("old", whole("b0r0n2", "b0r0n3"), admitted_at=1 * HOUR),
+        ],
+        now=6 * HOUR,
+        pending=[job("head", 2, 8)],
+        reserved={"head": ("b0r0n2", "b0r0n3")},
+        positions={"head": 1},
+    ),
+    Case(
+        "a job admitted this cycle is waited for after the gangs already running",
+        nodes=cluster(1, 1, 4),
+        running=[gang("running", whole("b0r0n0", "b0r0n1"))],
+        now=HOUR,
+        pending=[job("first", 2, 8, priority=1), job("head", 2, 8)],
+        admitted={"first": ("b0r0n2", "b0r0n3")},
+        reserved={"head": ("b0r0n0", "b0r0n1")},
+        positions={"head": 1},
+    ),
+    Case(
+        "the head reserves none of its excluded nodes, even where it waits anyway",
+        nodes=cluster(1, 1, 4),
+        running=[gang("a", whole("b0r0n0", "b0r0n1", "b0r0n2"))],
+        pending=[job("head", 3, 8, excluded=["b0r0n0"])],
+        reserved={"head": ("b0r0n1", "b0r0n2", "b0r0n3")},
+        positions={"head": 1},
+    ),
+    Case(
+        "a head requiring a block waits in the block where the fewest gangs end",
+        nodes=cluster(2, 1, 4),
+        running=[
+            gang("wide", whole("b0r0n0", "b0r0n1", "b1r0n0", "b1r0n1")),
+            gang("small", whole("b1r0n2")),
+        ],
+        pending=[job("head", 4, 8, level="block", mode="required"), job("c", 1, 8, arrival=1)],
+        # In b0 only wide must end (its two nodes and two idle ones); in b1
+        # wide and small.
+        reserved={"head": ("b0r0n0", "b0r0n1", "b0r0n2", "b0r0n3")},
+        admitted={"c": ("b1r0n3",)},
+        positions={"head": 1},
+    ),
+    Case(
+        "the same head without a required block takes the nodes wide frees in both",
+        nodes=cluster(2, 1, 4),
+        running=[
+            gang("wide", whole("b0r0n0", "b0r0n1", "b1r0n0", "b1r0n1")),
+            gang("small", whole("b1r0n2")),
+        ],
+        pending=[job("head", 4, 8), job("c", 1, 8, arrival=1), job("d", 1, 8, arrival=2)],
+        reserved={"head": ("b0r0n0", "b0r0n1", "b1r0n0", "b1r0n1")},
+        admitted={"c": ("b1r0n3",), "d": ("b0r0n2",)},
         positions={"head": 1},
     ),
     Case(

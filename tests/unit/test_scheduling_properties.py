@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import combinations
 
 from gpucluster.planning.scheduling import (
     AdmissionPlan,
@@ -70,10 +71,17 @@ class Scenario:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, max_jobs: int = 10, big_head: bool = False) -> Scenario:
+def scenarios(
+    draw: st.DrawFn,
+    max_jobs: int = 10,
+    big_head: bool = False,
+    waiting_head: bool = False,
+) -> Scenario:
     """A random cluster, running gangs and queue; `big_head` adds a large
     job of top priority, which mostly has to wait, reserve or preempt, so
-    that the jobs behind it exercise backfill."""
+    that the jobs behind it exercise backfill; `waiting_head` a large job
+    first in the queue that can evict nothing (no running gang has a lower
+    priority): if it does not fit, it waits for running gangs to end."""
     nodes: list[NodeSnapshot] = []
     pools = POOLS[: draw(st.integers(1, 2))]
     for pool in pools:
@@ -114,7 +122,7 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 10, big_head: bool = False) -> Sc
             running.append(
                 RunningGang(
                     key=f"run/{number}",
-                    priority=draw(st.integers(0, 3)),
+                    priority=draw(st.integers(3 if waiting_head else 0, 3)),
                     pool=pool,
                     gpus_by_node=usage,
                     admitted_at=draw(st.floats(0, NOW)),
@@ -139,6 +147,10 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 10, big_head: bool = False) -> Sc
     if big_head:
         workers = draw(st.integers(3, 12))
         pending.append(PendingJob("job/big", 4, 0, workers, 8, "h100"))
+    if waiting_head:
+        workers = draw(st.integers(2, 12))
+        topology = draw(st.sampled_from(TOPOLOGIES))
+        pending.append(PendingJob("job/wait", 3, -1, workers, 8, "h100", topology))
     return Scenario(nodes, running, pending)
 
 
@@ -405,3 +417,121 @@ def test_deadlock_two_jobs_over_half_the_pool(data: st.DataObject) -> None:
     assert set(plan.admissions) == {"a"}
     assert len(plan.admissions["a"]) == workers
     assert plan.queue_positions == {"b": 1}
+
+
+# --- the head's reservation ---------------------------------------------------
+
+
+def fewest_ends(
+    job: PendingJob, nodes: list[NodeSnapshot], candidates: list[Mapping[str, int]]
+) -> int | None:
+    """By brute force: the fewest `candidates` (GPUs by node of gangs that
+    could end; nothing else holds GPUs on `nodes`) whose end lets `job` fit
+    on `nodes`; None if even all of them do not."""
+    for count in range(len(candidates) + 1):
+        for ending in combinations(range(len(candidates)), count):
+            held = [usage for i, usage in enumerate(candidates) if i not in ending]
+            if fits_on(job, nodes, free_gpus(nodes, held)):
+                return count
+    return None
+
+
+def shares_a_node(usages: list[Mapping[str, int]]) -> bool:
+    holders: Counter[str] = Counter()
+    for usage in usages:
+        holders.update(name for name, gpus in usage.items() if gpus)
+    return any(count > 1 for count in holders.values())
+
+
+@st.composite
+def waits_for_several_gangs(draw: st.DrawFn) -> Scenario:
+    """One pool of 8-GPU nodes, each idle or held by one of a few gangs of
+    the head's priority, a head of 8-GPU workers first in the queue, and
+    small jobs behind it: a head that mostly waits for two gangs or more,
+    no two of them on one node."""
+    blocks, racks, per_rack = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    nodes = [
+        NodeSnapshot(f"b{block}r{rack}n{index}", "h100", "H100", 8, f"b{block}", f"r{rack}")
+        for block in range(blocks)
+        for rack in range(racks)
+        for index in range(per_rack)
+    ]
+    gangs = draw(st.integers(1, 6))
+    holder = {node.name: draw(st.sampled_from([None, *range(gangs)])) for node in nodes}
+    running = []
+    for number in sorted({gang for gang in holder.values() if gang is not None}):
+        usage = {
+            name: draw(st.sampled_from([8, 8, 8, 4, 1]))
+            for name, gang in holder.items()
+            if gang == number
+        }
+        evicting = draw(st.sampled_from([False] * 5 + [True]))
+        admitted_at = draw(st.floats(0, NOW))
+        running.append(RunningGang(f"run/{number}", 0, "h100", usage, admitted_at, evicting))
+    topology = draw(st.sampled_from(TOPOLOGIES))
+    room = {"rack": per_rack, "block": racks * per_rack, None: len(nodes)}
+    most = room[topology.required_level]
+    workers = draw(st.integers(max(1, most // 2), most))
+    head = PendingJob("job/head", 0, -1, workers, 8, "h100", topology)
+    behind = [
+        PendingJob(f"job/{number}", 0, number, 1, draw(st.sampled_from([8, 4, 1])), "h100")
+        for number in range(draw(st.integers(0, 3)))
+    ]
+    return Scenario(nodes, running, [head, *behind])
+
+
+@PROPERTY
+@given(
+    st.one_of(
+        scenarios(waiting_head=True),
+        waits_for_several_gangs(),
+        scenarios(big_head=True),
+    )
+)
+def test_a_waiting_head_reserves_where_the_fewest_gangs_must_end(scenario: Scenario) -> None:
+    """For every head that waits for running gangs (no victims):
+    1. nothing behind it is placed on its reserved nodes, which are
+       schedulable, in its pool and not excluded;
+    2. the fewest gangs that must end before it fits on its reserved nodes
+       (by brute force over every set of gangs) is the fewest for any nodes
+       of the pool wherever no node holds GPUs of two gangs that could end,
+       and wherever one gang would do; elsewhere the planner's choice is
+       greedy and only checked to exist. Gangs evicting count as ended, jobs
+       admitted ahead of it in this cycle as gangs that could end;
+    3. no GPU is promised twice: admissions fit the GPUs free now."""
+    plan = scenario.plan
+    preemptors = {preemption.preemptor for preemption in plan.preemptions}
+    by_name = {node.name: node for node in scenario.nodes}
+    free_now = free_gpus(scenario.nodes, (gang.gpus_by_node for gang in scenario.running))
+    for usage in scenario.admitted_usage():
+        for name, gpus in usage.items():
+            free_now[name] -= gpus
+            assert free_now[name] >= 0 and by_name[name].schedulable
+    for head_key, reserved in plan.reservations.items():
+        if head_key in preemptors:
+            continue
+        head = scenario.jobs[head_key]
+        assert all(by_name[name].schedulable and by_name[name].pool == head.pool
+                   for name in reserved)
+        assert not set(reserved) & head.excluded_nodes
+        ahead: list[Mapping[str, int]] = []
+        for key, usage in zip(plan.admissions, scenario.admitted_usage(), strict=True):
+            if scenario.jobs[key].pool != head.pool:
+                continue
+            if scenario.jobs[key].queue_key > head.queue_key:
+                assert not set(usage) & set(reserved)
+            else:
+                ahead.append(usage)
+        candidates = [
+            *(g.gpus_by_node for g in scenario.running if g.pool == head.pool and not g.evicting),
+            *ahead,
+        ]
+        on_reserved = [usage for usage in candidates if set(usage) & set(reserved)]
+        reserved_nodes = [by_name[name] for name in reserved]
+        for_reservation = fewest_ends(head, reserved_nodes, on_reserved)
+        pool_nodes = [node for node in scenario.nodes if node.pool == head.pool]
+        fewest = fewest_ends(head, pool_nodes, candidates)
+        assert for_reservation is not None and fewest is not None
+        assert for_reservation >= fewest
+        if fewest <= 1 or not shares_a_node(candidates):
+            assert for_reservation == fewest

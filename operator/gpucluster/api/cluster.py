@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import ConfigDict, Field
 
+from gpucluster.planning.jobs import PoolFacts
+
 from .common import DNS_LABEL_PATTERN, CamelModel, Condition, LabelValue, Taint, cel_quoted, label_keys_validation
 from .gpus import GPUProduct
 
@@ -128,6 +130,11 @@ class NodePool(CamelModel):
     )
     remediation: RemediationPolicy = Field(
         default_factory=RemediationPolicy, description="How GPU faults of the pool's nodes are remediated.")
+
+    def facts(self) -> PoolFacts:
+        """What a job's submission check needs to know of the pool."""
+        return PoolFacts(name=self.name, gpu=self.gpu.value, gpus_per_node=self.gpusPerNode, nodes=self.nodes,
+                         nodes_per_rack=self.topology.nodesPerRack, racks_per_block=self.topology.racksPerBlock)
 
 
 class TrainingClusterSpec(CamelModel):

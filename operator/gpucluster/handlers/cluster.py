@@ -4,11 +4,12 @@ Every trigger (create, spec update, resume after a restart, and a periodic
 timer that catches drift) runs the same idempotent reconcile, serialised per
 cluster. The spec is re-read between batches of a long scale-up, so an edit
 made meanwhile is honoured at once rather than after the old plan finishes.
+GPU remediation is not part of it: the remediation daemon is the one writer of
+status.remediation, and the reconcile only reads it (for Degraded).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -19,7 +20,7 @@ import pydantic
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
-from gpucluster.handlers.remediation import forget_cluster, remediate_pool
+from gpucluster.handlers.state import OperatorState, state_of
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, core, custom
 from gpucluster.kube.clusters import read_cluster
@@ -38,7 +39,6 @@ from gpucluster.timestamps import rfc3339
 
 CREATE_BATCH = 1000
 RESYNC_INTERVAL_S = 5.0
-_locks: dict[str, asyncio.Lock] = {}
 
 
 def shape_of(cluster_name: str, pool: api.NodePool) -> PoolShape:
@@ -183,8 +183,7 @@ def _status(body: Any, spec: api.TrainingClusterSpec,
         healthyGPUs=sum(c.healthy_gpus for c in counts.values()),
         poolNames=",".join(p.name for p in spec.pools),
         conditions=[],
-    ).model_dump()
-    status["remediation"] = (body.get("status") or {}).get("remediation") or {}
+    ).model_dump(exclude={"remediation"})
     status["conditions"] = merge_conditions(previous, updates, rfc3339(), status["observedGeneration"])
     return status
 
@@ -203,18 +202,37 @@ def _export_metrics(cluster_name: str, spec: api.TrainingClusterSpec,
             metrics.pool_gpus.labels(*labels, state).set(value)
 
 
+def _reconciled_status(body: Any) -> dict[str, Any]:
+    """The part of the status the reconcile writes: all but remediation,
+    whose one writer is the remediation daemon (a merge patch without the
+    key leaves it as that daemon last wrote it)."""
+    return {k: v for k, v in (body.get("status") or {}).items() if k != "remediation"}
+
+
+def _budget_exhausted(body: Any, spec: api.TrainingClusterSpec) -> ConditionUpdate | None:
+    """Degraded for the first pool whose faulty nodes wait for the remediation budget."""
+    remediation = (body.get("status") or {}).get("remediation") or {}
+    for pool in spec.pools:
+        waiting = (remediation.get(pool.name) or {}).get("waiting") or []
+        if waiting:
+            return ConditionUpdate(
+                "Degraded", True, "RemediationBudgetExhausted",
+                f"pool {pool.name}: {len(waiting)} nodes with GPU faults wait for the remediation "
+                f"budget (spec.pools[].remediation.maxUnavailable={pool.remediation.maxUnavailable}): "
+                f"{_names_summary(waiting)}")
+    return None
+
+
 async def _write_status(name: str, body: Any, status: dict[str, Any]) -> None:
-    old = dict(body.get("status") or {})
-    if old == status:
+    if _reconciled_status(body) == status:
         return
     await call(custom().patch_cluster_custom_object_status, names.GROUP, names.VERSION,
                api.PLURAL, name, {"status": status})
 
 
-async def reconcile(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+async def reconcile(state: OperatorState, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
                     pods_by_node: kopf.Index[str, str], logger: Any) -> None:
-    lock = _locks.setdefault(name, asyncio.Lock())
-    async with lock:
+    async with state.reconcile_lock(name):
         started = time.monotonic()
         try:
             while True:
@@ -242,7 +260,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         # The CRD schema should have caught this; say so rather than guess.
         problem = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         kopf.warn(body, reason="InvalidSpec", message=problem)
-        await _write_status(name, body, {**(body.get("status") or {}), "conditions": merge_conditions(
+        await _write_status(name, body, {**_reconciled_status(body), "conditions": merge_conditions(
             (body.get("status") or {}).get("conditions") or [],
             [ConditionUpdate("Degraded", True, "InvalidSpec", problem)], rfc3339(),
             body["metadata"].get("generation", 0))})
@@ -274,14 +292,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
             message = f"{len(errors)} node writes failed: {_names_summary(errors, 3)}"
             kopf.warn(body, reason="NodeWriteFailed", message=message)
             raise kopf.TemporaryError(message, delay=5)
-        for pool in spec.pools:
-            healing = await remediate_pool(body, pool, owned.get(pool.name, []))
-            if healing.budget_exhausted:
-                degraded = ConditionUpdate(
-                    "Degraded", True, "RemediationBudgetExhausted",
-                    f"pool {pool.name}: {len(healing.waiting)} nodes with GPU faults wait for the remediation "
-                    f"budget (spec.pools[].remediation.maxUnavailable={pool.remediation.maxUnavailable}): "
-                    f"{_names_summary(healing.waiting)}")
+        degraded = _budget_exhausted(body, spec)
     counts = {p.name: count_pool(shape_of(name, p), owned.get(p.name, [])) for p in spec.pools}
     _export_metrics(name, spec, counts)
     await _write_status(name, body, _status(body, spec, counts, degraded))
@@ -292,22 +303,21 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
 @kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")  # type: ignore[arg-type]
-async def cluster_changed(*, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+async def cluster_changed(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
                           pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
-    await reconcile(name, nodes_by_cluster, pods_by_node, logger)
+    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, logger)
 
 
 @kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,  # type: ignore[arg-type]
             initial_delay=RESYNC_INTERVAL_S)
-async def cluster_resync(*, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+async def cluster_resync(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
                          pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
-    await reconcile(name, nodes_by_cluster, pods_by_node, logger)
+    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, logger)
 
 
 @kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)
-async def cluster_deleted(*, name: str, body: Any, logger: Any, **_: Any) -> None:
+async def cluster_deleted(*, name: str, memo: Any, logger: Any, **_: Any) -> None:
     """Deletes the nodes the cluster created and releases those it adopted."""
     deleted, released = await _let_go(f"{names.LABEL_CLUSTER}={name}")
     logger.info(f"deleted {len(deleted)} nodes, released {len(released)}")
-    _locks.pop(name, None)
-    forget_cluster(name)
+    state_of(memo).reconcile_locks.pop(name, None)

@@ -31,7 +31,6 @@ from gpucluster.planning.jobs import (
     JobShape,
     JobView,
     Phase,
-    PoolFacts,
     Problem,
     WorkerPod,
     choose_pool,
@@ -50,6 +49,9 @@ from gpucluster.planning.pools import ObservedNode
 from gpucluster.timestamps import epoch, rfc3339
 
 CYCLE_INTERVAL_S = 1.0
+# A plan whose inputs did not change is skipped, but not for longer than
+# this: preemption ranks gangs by GPU-hours, which grow with time alone.
+REPLAN_INTERVAL_S = 30.0
 
 
 def in_served_namespace(namespace: str | None, memo: Any, **_: Any) -> bool:
@@ -175,10 +177,7 @@ async def _judge(spec: Any) -> tuple[str, int] | Problem:
         if status_of(err) != 404:
             raise kopf.TemporaryError(f"reading TrainingCluster {spec['cluster']}: {err}", delay=5) from err
         tc = None
-    pools = [PoolFacts(name=p["name"], gpu=p["gpu"], gpus_per_node=int(p.get("gpusPerNode", 8)),
-                       nodes=int(p["nodes"]), nodes_per_rack=int((p.get("topology") or {}).get("nodesPerRack", 4)),
-                       racks_per_block=int((p.get("topology") or {}).get("racksPerBlock", 8)))
-             for p in ((tc or {}).get("spec") or {}).get("pools", [])]
+    pools = [cluster_api.NodePool.model_validate(p).facts() for p in ((tc or {}).get("spec") or {}).get("pools", [])]
     topology = spec.get("topology") or {}
     chosen = choose_pool(JobShape(cluster=spec["cluster"], pool=spec.get("pool"), gpu=spec.get("gpu"),
                                   workers=int(spec["workers"]), gpus_per_worker=int(spec["gpusPerWorker"]),
@@ -278,10 +277,13 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         facts = ClusterFacts(nodes=nodes, pods=pods, products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
                              desired_nodes={p["name"]: int(p["nodes"]) for p in spec.get("pools", [])},
                              foreign_gpus=foreign)
+        last = state.last_plans.get(name)
+        fresh = last is not None and now - last[1] < REPLAN_INTERVAL_S
         started = time.perf_counter()
-        cycle = admission_cycle(views, facts, now)
+        cycle = admission_cycle(views, facts, now, unchanged_since=last[0] if last and fresh else None)
         if cycle.plan is not None:
             metrics.admission_decision_seconds.labels(name).observe(time.perf_counter() - started)
+            state.last_plans[name] = (cycle.inputs, now)
         for orphan in cycle.orphans:
             namespace, job_name = orphan.split("/", 1)
             if state.serves(namespace):

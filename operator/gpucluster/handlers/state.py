@@ -2,7 +2,7 @@
 
 `gpucluster run` creates it and hands it to Kopf as the operator's memo
 (`memo.state`); per-object memos are shallow copies of the operator's, so
-every handler, index filter and timer shares this one object. Nothing in the
+every handler, index filter, daemon and timer shares this one object. Nothing in the
 handlers keeps state in module globals: a second operator in the same
 process, or a test, starts from a clean OperatorState.
 """
@@ -12,9 +12,44 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import logging
 from typing import Any
 
 from gpucluster.planning.lifecycle import Assumed
+from gpucluster.planning.remediation import UnseenWrites
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PoolRemediation:
+    """What one pool's remediation keeps between its passes."""
+
+    unseen: UnseenWrites = dataclasses.field(default_factory=UnseenWrites)
+    # Nodes whose drain has been announced: the drain is retried every pass,
+    # its Event is posted once.
+    draining: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
+class ClusterRemediation:
+    """The remediation daemon of one TrainingCluster: the pools node events
+    asked a pass for since its last one, and each pool's memory. It lives as
+    long as the daemon, so a replica that peering paused never plans on the
+    memory of the time it last led."""
+
+    wanted: set[str] = dataclasses.field(default_factory=set)
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    pools: dict[str, PoolRemediation] = dataclasses.field(default_factory=dict)
+
+    def want(self, pool: str) -> None:
+        self.wanted.add(pool)
+        self.wake.set()
+
+    def take_wanted(self) -> set[str]:
+        wanted, self.wanted = self.wanted, set()
+        self.wake.clear()
+        return wanted
 
 
 @dataclasses.dataclass
@@ -29,6 +64,18 @@ class OperatorState:
     # One lock per TrainingCluster serialises its admission cycle with the
     # judging of its jobs' spec edits: one writer of a job's phase at a time.
     job_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
+    # Per TrainingCluster: the fingerprint of its last plan's inputs, and when.
+    last_plans: dict[str, tuple[int | None, float]] = dataclasses.field(default_factory=dict)
+    # One lock per TrainingCluster: its create, update and resume handlers and
+    # its resync timer run one reconcile at a time.
+    reconcile_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
+    # The remediation daemons running in this replica, by TrainingCluster.
+    remediation: dict[str, ClusterRemediation] = dataclasses.field(default_factory=dict)
+    # Set when peering pauses this replica after it led; the runner then
+    # stops the operator. Kopf would resume it later on indexes that never
+    # saw what was deleted meanwhile, and without waiting for them to fill
+    # again; a fresh process waits for complete indexes before it acts.
+    lead_lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def serves(self, namespace: str | None) -> bool:
         return not self.served_namespaces or any(
@@ -36,6 +83,15 @@ class OperatorState:
 
     def job_lock(self, cluster: str) -> asyncio.Lock:
         return self.job_locks.setdefault(cluster, asyncio.Lock())
+
+    def reconcile_lock(self, cluster: str) -> asyncio.Lock:
+        return self.reconcile_locks.setdefault(cluster, asyncio.Lock())
+
+    def lose_lead(self) -> None:
+        if not self.lead_lost.is_set():
+            log.warning("peering paused this replica after it led; stopping, so that it comes back "
+                        "as a fresh standby instead of resuming on stale indexes")
+            self.lead_lost.set()
 
 
 def state_of(memo: Any) -> OperatorState:

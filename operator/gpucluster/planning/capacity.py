@@ -17,28 +17,28 @@ slots for racks and blocks and GPUs for nodes (slots of a node are monotone
 in its GPUs, so one list serves every worker size); lower preference wins
 among equal amounts; position (name order) makes every choice deterministic.
 
-Two bases of capacity:
-- `free`: what a node can take now (allocatable minus what running gangs and
-  this cycle's admissions hold). Preference is the free GPUs themselves:
-  among equal slots the gang goes where it fills the free space most tightly,
-  so large holes stay whole for large gangs.
-- `drained`: what a node could take once every running gang has ended (its
-  allocatable), used to reserve nodes for a blocked head of the queue.
-  Preference is a drain cost per node that the caller supplies (how long the
-  head would wait for the node): among equal slots the reservation goes
-  where the head will wait the least.
+Capacity is what a node can take now: allocatable minus what running gangs
+and this cycle's admissions hold. Preference is the free GPUs themselves:
+among equal slots a gang goes where it fills the free space most tightly, so
+large holes stay whole for large gangs.
+
+`ReleasedSlots` answers the same questions for a set of gangs about to end
+without building an index: how many slots a rack, block or pool would have
+once they are gone, as gangs are added and dropped one at a time.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Literal
 
-from gpucluster.planning.admission_snapshot import NodeSnapshot
+from gpucluster.planning.admission_snapshot import NodeSnapshot, RunningGang, TopologyLevel
 
-Basis = Literal["free", "drained"]
 SortKey = tuple[int, int, int]
+# A rack or a block by its position in the index, or the whole pool (None, 0).
+Domain = tuple[TopologyLevel | None, int]
+POOL: Domain = (None, 0)
 
 
 class IndexedNode:
@@ -57,6 +57,12 @@ class IndexedNode:
     @property
     def name(self) -> str:
         return self.snapshot.name
+
+    def domain(self, level: TopologyLevel | None) -> Domain:
+        """The rack or block of this node, or the pool if `level` is None."""
+        if level is None:
+            return POOL
+        return (level, self.rack.position if level == "rack" else self.rack.block.position)
 
 
 class Rack:
@@ -132,23 +138,14 @@ class WorkerSizeView:
 
 
 class CapacityIndex:
-    """Capacity of a set of nodes (one pool's schedulable nodes) on one basis.
+    """Free capacity of a set of nodes (one pool's schedulable nodes).
 
     `used` is GPUs already held per node name; it may exceed a node's
     allocatable (a GPU failed under a running gang), which leaves it no
-    free capacity rather than a negative one. `drain_cost` (node name ->
-    cost, 0 if absent) ranks nodes on the drained basis only.
+    free capacity rather than a negative one.
     """
 
-    def __init__(
-        self,
-        nodes: Iterable[NodeSnapshot],
-        used: Mapping[str, int],
-        basis: Basis = "free",
-        drain_cost: Mapping[str, int] | None = None,
-    ) -> None:
-        self.basis: Basis = basis
-        self._drain_cost: Mapping[str, int] = drain_cost or {}
+    def __init__(self, nodes: Iterable[NodeSnapshot], used: Mapping[str, int]) -> None:
         ordered = sorted(nodes, key=lambda node: (node.block, node.rack, node.name))
         max_capacity = max((node.allocatable_gpus for node in ordered), default=0)
         self.nodes: list[IndexedNode] = []
@@ -180,17 +177,13 @@ class CapacityIndex:
             rack.node_keys.sort()
         self.node_keys.sort()
 
-    def drained(self, drain_cost: Mapping[str, int], masked: Iterable[str] = ()) -> CapacityIndex:
-        """A drained-basis copy of these nodes: every node at its
-        allocatable, ranked by `drain_cost`; `masked` nodes offer nothing."""
-        copy = CapacityIndex(
-            (node.snapshot for node in self.nodes),
-            {node.name: node.used for node in self.nodes},
-            basis="drained",
-            drain_cost=drain_cost,
-        )
-        copy.mask(masked)
-        return copy
+    def domain_nodes(self, domain: Domain) -> list[IndexedNode]:
+        """The nodes of a rack, of a block or of the pool, in topology order."""
+        level, position = domain
+        if level is None:
+            return self.nodes
+        racks = [self.racks[position]] if level == "rack" else self.blocks[position].racks
+        return [self.nodes[key[2]] for rack in racks for key in rack.node_keys]
 
     def node(self, name: str) -> IndexedNode | None:
         return self._by_name.get(name)
@@ -232,12 +225,9 @@ class CapacityIndex:
                 self._change(node, mask_change=-1)
 
     def _measure(self, node: IndexedNode) -> tuple[int, int]:
-        """(capacity, preference) of a node on this index's basis."""
-        allocatable = node.snapshot.allocatable_gpus
-        if self.basis == "free":
-            free = 0 if node.masks else max(0, allocatable - node.used)
-            return free, free
-        return (0 if node.masks else allocatable), self._drain_cost.get(node.name, 0)
+        """(capacity, preference) of a node: its free GPUs, twice."""
+        free = 0 if node.masks else max(0, node.snapshot.allocatable_gpus - node.used)
+        return free, free
 
     def _change(self, node: IndexedNode, used_change: int = 0, mask_change: int = 0) -> None:
         old_capacity, old_preference = self._measure(node)
@@ -269,3 +259,70 @@ def _replace(keys: list[SortKey], old: SortKey, new: SortKey) -> None:
         return
     del keys[bisect_left(keys, old)]
     insort(keys, new)
+
+
+class ReleasedSlots:
+    """Slots per rack, block and pool for one worker size as they would be
+    with some gangs' GPUs released, computed beside the index without
+    changing it: trying hundreds of gangs stays cheap."""
+
+    def __init__(self, index: CapacityIndex, view: WorkerSizeView) -> None:
+        self._index = index
+        self._view = view
+        self._released: dict[int, int] = defaultdict(int)
+        self._rack_gain: dict[int, int] = defaultdict(int)
+        self._block_gain: dict[int, int] = defaultdict(int)
+        self._total_gain = 0
+
+    def add(self, gang: RunningGang, sign: int = 1) -> None:
+        worker_gpus = self._view.worker_gpus
+        for name, gpus in gang.gpus_by_node.items():
+            node = self._index.node(name)
+            if node is None:
+                continue
+            before = self._index.capacity_if_released(node, self._released[node.position])
+            self._released[node.position] += sign * gpus
+            after = self._index.capacity_if_released(node, self._released[node.position])
+            gain = after // worker_gpus - before // worker_gpus
+            if gain:
+                self._rack_gain[node.rack.position] += gain
+                self._block_gain[node.rack.block.position] += gain
+                self._total_gain += gain
+
+    def remove(self, gang: RunningGang) -> None:
+        self.add(gang, sign=-1)
+
+    def gain(self, gang: RunningGang) -> int:
+        """The slots the pool would gain if `gang` were released too."""
+        worker_gpus = self._view.worker_gpus
+        gain = 0
+        for name, gpus in gang.gpus_by_node.items():
+            node = self._index.node(name)
+            if node is None:
+                continue
+            released = self._released.get(node.position, 0)
+            before = self._index.capacity_if_released(node, released)
+            after = self._index.capacity_if_released(node, released + gpus)
+            gain += after // worker_gpus - before // worker_gpus
+        return gain
+
+    def slots(self, domain: Domain) -> int:
+        level, position = domain
+        if level is None:
+            return self._view.total + self._total_gain
+        if level == "rack":
+            return self._view.rack_slots[position] + self._rack_gain.get(position, 0)
+        return self._view.block_slots[position] + self._block_gain.get(position, 0)
+
+    def fits(self, workers: int, level: TopologyLevel | None) -> bool:
+        """Whether `workers` fit one domain of `level` (the pool if None)."""
+        if level is None:
+            return self.slots(POOL) >= workers
+        if level == "rack":
+            largest_now, slots, gains = self._view.racks, self._view.rack_slots, self._rack_gain
+        else:
+            largest_now, slots, gains = self._view.blocks, self._view.block_slots, self._block_gain
+        if largest_now and largest_now[-1][0] >= workers:
+            return True  # a domain no released GPU touches holds them already
+        return any(slots[position] + gain >= workers for position, gain in gains.items())
+

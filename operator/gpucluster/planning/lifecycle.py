@@ -36,7 +36,7 @@ gang's progress since its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,15 +236,18 @@ def _judged(job: JobView, judged: SpecJudged, now: float) -> Transition:
     pool, priority = judged.outcome
     waiting_message = f"waiting for {judged.workers} x {judged.gpus_per_worker} GPUs in pool {pool}"
     if job.phase is None or job.phase == Phase.FAILED:
-        queued = Transition(
+        # A failed job queued again starts a new attempt: pods of the one that
+        # failed may still be terminating, and pods are told apart (and named)
+        # by their attempt.
+        attempt = job.attempt + 1 if job.phase == Phase.FAILED else job.attempt
+        return Transition(
             status=_status_fields(job, Phase.QUEUED, "Queued", waiting_message, pool=pool, priority=priority,
-                                  completedAt="", gpus=0, workersReady=f"0/{judged.workers}",
-                                  queuedAt=_stamp(now), **generation),
+                                  completedAt="", gpus=0, workersReady=f"0/{judged.workers}", attempt=attempt,
+                                  nodes=[], nodeList="", queuedAt=_stamp(now), **generation),
             condition=ConditionUpdate("Admitted", False, "Queued", "waiting for GPUs"),
             note=Note("Queued", f"queued in pool {pool} at priority {priority}"),
-            assume=dataclasses.replace(job, phase=Phase.QUEUED, pool=pool, priority=priority,
-                                       reason="Queued", message=waiting_message, queued_at=now))
-        return queued
+            assume=dataclasses.replace(job, phase=Phase.QUEUED, pool=pool, priority=priority, attempt=attempt,
+                                       nodes=(), reason="Queued", message=waiting_message, queued_at=now))
     if job.phase in ACTIVE_PHASES and pool != job.pool:
         # The gang's nodes are of the old pool: end it before the job is
         # judged anew (the API server refuses such edits while admitted; this
@@ -424,12 +427,29 @@ class Cycle:
     # cluster's nodes: their pods are deleted now rather than whenever the
     # garbage collector gets to them, and count as held until then.
     orphans: tuple[str, ...] = ()
+    # The fingerprint of the planner's inputs (planner_inputs), when it ran or was skipped.
+    inputs: int | None = None
 
 
-def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) -> Cycle:
+def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
+    """A fingerprint of what a plan is made from: the jobs, the nodes (as
+    the index sees them: heartbeats do not change them), GPUs held by other
+    pods, and the worker pods of each job, counted."""
+    return hash((tuple(sorted(views, key=lambda v: v.key)), tuple(facts.nodes),
+                 frozenset(facts.foreign_gpus.items()),
+                 frozenset((key, len(pods), sum(p.terminating for p in pods)) for key, pods in facts.pods.items())))
+
+
+def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
+                    judge: Collection[str] | None = None, unchanged_since: int | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
-    assumed by the second, as their writes will be."""
+    assumed by the second, as their writes will be. `judge` limits the
+    judging to those job keys (the simulator knows which jobs' pods, nodes
+    or clocks changed; the operator judges all). When judging changed
+    nothing and the planner's inputs have the fingerprint
+    `unchanged_since`, the plan would be the last one again: it is skipped
+    (at 25,000 nodes a plan costs a good part of a second)."""
     views = {v.key: v for v in jobs}
     node_by_name = {n.name: n for n in facts.nodes}
     transitions: list[tuple[JobView, Transition]] = []
@@ -443,10 +463,13 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) ->
 
     orphans = tuple(sorted(key for key, pods in facts.pods.items()
                            if key not in views and any(p.holds_gpus and not p.terminating for p in pods)))
-    for view in list(views.values()):
+    for view in list(views.values()) if judge is None else [views[k] for k in judge if k in views]:
         apply(view, step(view, GangObserved(facts.pods.get(view.key, ()), node_by_name), now))
     if not any(v.phase in WAITING_PHASES for v in views.values()):
         return Cycle(tuple(transitions), None, orphans)
+    inputs = planner_inputs(views.values(), facts)
+    if not transitions and inputs == unchanged_since:
+        return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
     snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes, pods, facts.products,
                                                         facts.foreign_gpus)
@@ -468,7 +491,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float) ->
         apply(view, step(view, Unplaceable(why, complete), now))
     for key, position in plan.queue_positions.items():
         apply(views[key], step(views[key], QueuePosition(position), now))
-    return Cycle(tuple(transitions), plan, orphans)
+    return Cycle(tuple(transitions), plan, orphans, inputs)
 
 
 # --- what the index shows, and what was decided -------------------------------------------------

@@ -17,8 +17,7 @@ The rules, each a tie-break of the ones before it:
    worker as large as a node therefore always gets a whole node, and
    several small workers share a node when their GPUs fit.
 5. Best fit: of the candidates that hold what remains, the one with the
-   fewest slots, then the index's preference (fewest free GPUs: the
-   tightest fill; on a drained index, the lowest drain cost), then name.
+   fewest slots, then the fewest free GPUs (the tightest fill), then name.
 
 Because all workers of a gang are the same size, a placement exists exactly
 when the allowed domain has enough slots; `fits` answers that in O(1) and

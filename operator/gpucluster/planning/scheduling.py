@@ -19,22 +19,24 @@ Head and reservation. The first job of a pool that does not fit is the
   of gangs already evicting). The head is admitted in a later cycle, once the
   victims' pods are gone: their GPUs are still held in this cycle, so no GPU
   is ever promised twice.
-- Otherwise it is its placement on the drained pool (every schedulable node
-  at its allocatable): the nodes the head waits on to empty, chosen where
-  the fewest running gangs must end first. Each gang counts once, spread
-  evenly over its nodes (`drain_cost`): the more independent gangs must
-  end, the later the last of them does, while the nodes of one large gang
-  free together. (On the benchmark's simulated trace, ranking by busy GPUs
-  instead left twice as many GPUs idle in reservations.)
+- Otherwise it waits for running gangs to end (reservation.py): it reserves
+  where the fewest of them must end (gangs admitted earlier in this cycle
+  count as running), and of those choices where the ending gangs free the
+  most. Its reservation is the nodes those gangs free, plus only as many
+  nodes with room now as it still needs, nearest the freed ones: a node
+  idle now is held back only when the head cannot start without it, so
+  the rest stay free for backfill. (The rule before ranked nodes by a drain
+  cost, each gang's count spread over its nodes; idle nodes cost nothing
+  there and were reserved first, left idle while smaller jobs queued.)
 
 Backfill. Every job after the head may be admitted now on free GPUs outside
 the reservation, never on it. So whatever is backfilled, the head fits on
-its reserved nodes as soon as the gangs now on them end (or are evicted):
+its reserved nodes as soon as the gangs it waits for end (or are evicted):
 without run-time estimates, the only backfill that provably cannot delay the
-head. A head that cannot fit even on the drained pool (nodes cordoned or
-excluded) gets no reservation -- holding nodes back could not help it -- and
-backfill goes on until the pool changes. Only the head reserves or preempts;
-a job behind it waits its turn to become the head.
+head. A head that cannot fit even once every running gang has ended (nodes
+cordoned or excluded) gets no reservation -- holding nodes back could not
+help it -- and backfill goes on until the pool changes. Only the head
+reserves or preempts; a job behind it waits its turn to become the head.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from gpucluster.planning.capacity import CapacityIndex
 from gpucluster.planning.feasibility import PoolInventory
 from gpucluster.planning.placement import Placement, place
 from gpucluster.planning.preemption import select_victims
+from gpucluster.planning.reservation import place_after_fewest_ends
 
 __all__ = [
     "AdmissionCycle",
@@ -71,10 +74,6 @@ __all__ = [
     "plan_admissions",
     "queue_order",
 ]
-
-# The drain cost of one running gang, shared among its nodes: large enough
-# that the share of a gang on thousands of nodes stays above zero.
-GANG_DRAIN_COST = 1 << 20
 
 # What one decision did with a job:
 # admitted / backfilled: placed now (backfilled: behind a waiting head);
@@ -143,18 +142,12 @@ class _PoolQueue:
         self.inventory = PoolInventory(pool, nodes)
         self.index = CapacityIndex((node for node in nodes if node.schedulable), used)
         self.gangs = gangs
-        self.drain_cost: dict[str, int] = defaultdict(int)
-        for gang in gangs:
-            if not gang.evicting:  # on its way out already: nothing to wait for
-                self.add_drain_cost(gang.gpus_by_node)
+        # Jobs admitted this cycle, as the gangs they are about to become: a
+        # head behind them may have to wait for them to end too.
+        self.admitted: list[RunningGang] = []
         self.head: PendingJob | None = None
         self.last_queue_key: tuple[int, float, str] | None = None
         self.waiting: list[str] = []
-
-    def add_drain_cost(self, gpus_by_node: Mapping[str, int]) -> None:
-        """Count a gang as one more to wait for, spread over its nodes."""
-        for name in gpus_by_node:
-            self.drain_cost[name] += GANG_DRAIN_COST // len(gpus_by_node)
 
 
 class AdmissionCycle:
@@ -225,7 +218,9 @@ class AdmissionCycle:
         if placement is not None:
             gpus_by_node = _gpus_by_node(placement, job.gpus_per_worker)
             pool.index.take(gpus_by_node)
-            pool.add_drain_cost(gpus_by_node)
+            pool.admitted.append(
+                RunningGang(job.key, job.priority, job.pool, gpus_by_node, self._now)
+            )
             self._admissions[job.key] = _ranks(placement)
             return "admitted" if pool.head is None else "backfilled"
         pool.waiting.append(job.key)
@@ -238,8 +233,7 @@ class AdmissionCycle:
         decision: Decision
         victims = select_victims(pool.index, head, pool.gangs, self._now)
         if victims is None:
-            drained = pool.index.drained(pool.drain_cost, masked=head.excluded_nodes)
-            placement = place(drained, head)
+            placement = place_after_fewest_ends(pool.index, head, [*pool.gangs, *pool.admitted])
             if placement is None:
                 return "waiting"
             decision = "reserved"

@@ -1,0 +1,324 @@
+"""Colossus on one machine: one TrainingCluster of H100 and H200 nodes (3:1,
+the real Colossus's 150,000 H100 and 50,000 H200 GPUs at 25,000 nodes) from
+apply to jobs running, measured end to end in one run.
+
+    python bench/colossus.py [--nodes 25000] [--jobs 1000] [--png colossus.png]
+
+1. the raw node-create rate on this API server, then the TrainingCluster
+   from apply to every node Ready (ratio raw / operator time);
+2. a job trace (sizes 1 to 2,048 GPUs, three priorities, some required
+   topology) submitted at once: submit-to-admitted p50/p99 from watch
+   receive times, admitted jobs/s, and the planner's own decision time from
+   the operator's histogram;
+3. fatal XIDs through the fleet agent: fault-to-cordon p50/p99 and gangs
+   restarted;
+4. the operator restarted: time to its first admission cycle, and no node
+   or worker pod made twice;
+5. CPU seconds and peak RSS of the operator and the API server for each phase;
+6. a table on stdout and a PNG timeline (nodes Ready, GPUs allocated, queue
+   depth, faults and cordons) with matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from common import BenchCluster, bench_cluster, cpu_seconds
+from gpucluster import devcluster, names
+from gpucluster.kube.client import read_reply
+from gpucluster.sim.trace import generate
+from health import NodeHealthWatch, inject, percentile, wait
+from provision import raw_create, wait_gone
+
+H100_SHARE = 0.75
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pid_of(state_dir: Path, component: str) -> int | None:
+    state = devcluster.status(state_dir)
+    return state.pids.get(component) if state is not None else None
+
+
+class Timeline:
+    """What the PNG draws, sampled from the watches once a second."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, int, int, int, int, int]] = []
+
+    def sample(self, started: float, nodes: NodeHealthWatch, jobs: JobWatch, faults: int) -> None:
+        self.rows.append((time.time() - started, len(nodes.healthy), jobs.allocated(), jobs.queued(),
+                          faults, len(nodes.quarantined_at)))
+
+
+class JobWatch:
+    """When each job was first seen Admitted (watch receive time) and its GPUs."""
+
+    def __init__(self, bench: BenchCluster) -> None:
+        self.admitted_at: dict[str, float] = {}
+        self.phase: dict[str, str] = {}
+        self.gpus: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}
+        threading.Thread(target=self._run, args=(bench,), daemon=True).start()
+
+    def _run(self, bench: BenchCluster) -> None:
+        custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
+        version = "0"
+        while True:
+            stream = custom.list_cluster_custom_object(names.GROUP, names.VERSION, "trainingjobs", watch=True,
+                                                       resource_version=version, timeout_seconds=600,
+                                                       _preload_content=False)
+            buffer = b""
+            try:
+                for chunk in stream.stream(1 << 16):
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        event = json.loads(line)
+                        job = event["object"]
+                        version = job["metadata"].get("resourceVersion", version)
+                        self._see(job)
+            except Exception:  # the control plane stopping at the end of the run
+                return
+
+    def _see(self, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        status = job.get("status") or {}
+        phase = status.get("phase", "")
+        self.phase[name] = phase
+        self.gpus[name] = int(job["spec"]["workers"]) * int(job["spec"]["gpusPerWorker"])
+        self.restarts[name] = int(status.get("restarts", 0))
+        if phase in ("Admitted", "Running") and name not in self.admitted_at:
+            self.admitted_at[name] = time.time()
+
+    def allocated(self) -> int:
+        return sum(self.gpus[n] for n, p in list(self.phase.items()) if p in ("Admitted", "Running"))
+
+    def queued(self) -> int:
+        return sum(1 for p in list(self.phase.values()) if p in ("Queued", "Restarting", ""))
+
+
+def metric(port: int, name: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith(name)}
+
+
+def histogram_quantile(buckets: dict[str, float], q: float) -> float:
+    """Prometheus's histogram_quantile over one histogram's cumulative buckets."""
+    edges = sorted((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), count)
+                   for key, count in buckets.items() if (m := re.search(r'le="([^"]+)"', key)))
+    total = edges[-1][1] if edges else 0
+    if not total:
+        return 0.0
+    rank, lower, below = q * total, 0.0, 0.0
+    for edge, count in edges:
+        if count >= rank:
+            return edge if edge == float("inf") else lower + (edge - lower) * (rank - below) / max(count - below, 1)
+        lower, below = edge, count
+    return lower
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def manifest(name: str, nodes: int) -> dict[str, Any]:
+    h100 = round(nodes * H100_SHARE)
+    return {"apiVersion": names.API_VERSION, "kind": "TrainingCluster", "metadata": {"name": name},
+            "spec": {"pools": [
+                {"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": h100,
+                 "topology": {"nodesPerRack": 4, "racksPerBlock": 8},
+                 "remediation": {"maxUnavailable": "5%"}},
+                {"name": "h200", "gpu": "H200-141GB", "nodes": nodes - h100,
+                 "topology": {"nodesPerRack": 4, "racksPerBlock": 8},
+                 "remediation": {"maxUnavailable": "5%"}}]}}
+
+
+def job_manifest(job: Any, cluster: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"cluster": cluster, "gpu": job.gpu, "workers": job.workers,
+                            "gpusPerWorker": job.gpus_per_worker, "priority": job.priority, "maxRestarts": 5,
+                            "template": {"spec": {"containers": [{"name": "trainer", "image": "trainer"}]}}}
+    if job.topology_level:
+        spec["topology"] = {"level": job.topology_level, "mode": job.topology_mode}
+    return {"apiVersion": names.API_VERSION, "kind": "TrainingJob",
+            "metadata": {"name": job.id.replace("job-", "j"), "namespace": "default"}, "spec": spec}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=25000)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--faults", type=int, default=100)
+    parser.add_argument("--png", type=Path, default=Path("colossus.png"))
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args()
+    log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-colossus-"))
+    rows: list[tuple[str, str, str]] = []
+    timeline = Timeline()
+    with bench_cluster("bench-colossus") as bench:
+        apiserver = pid_of(Path(bench.kubeconfig).parent, "kube-apiserver")
+
+        def usage(phase: str, operator_pid: int, cpu0: tuple[float, float]) -> None:
+            op, api = cpu_seconds(operator_pid) - cpu0[0], (cpu_seconds(apiserver) - cpu0[1]) if apiserver else 0
+            rows.append((f"{phase}: CPU s operator / API server", f"{op:.0f} / {api:.0f}",
+                         f"peak RSS operator {peak_rss_mib(operator_pid):.0f} MiB"
+                         + (f", API server {peak_rss_mib(apiserver):.0f} MiB" if apiserver else "")))
+
+        def cpu_now(operator_pid: int) -> tuple[float, float]:
+            return cpu_seconds(operator_pid), cpu_seconds(apiserver) if apiserver else 0.0
+
+        print(f"raw node creates: {args.nodes} nodes", file=sys.stderr, flush=True)
+        raw = raw_create(bench, args.nodes, args.timeout)
+        wait_gone(bench)
+        metrics_port = free_port()
+        operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
+                                    log=log_dir / "operator.log")
+        cluster = "colossus"
+        agent = bench.gpucluster("agent", "--backend", "fake", "--fleet", "--node-selector",
+                                 f"{names.LABEL_CLUSTER}={cluster}", "--metrics-port", "0", "--interval", "5",
+                                 log=log_dir / "agent.log")
+        try:
+            nodes = NodeHealthWatch(bench, f"{names.LABEL_CLUSTER}={cluster}")
+            jobs = JobWatch(bench)
+            started = time.time()
+            faults_injected = 0
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.wait(1.0):
+                    timeline.sample(started, nodes, jobs, faults_injected)
+
+            threading.Thread(target=sample, daemon=True).start()
+
+            cpu0 = cpu_now(operator.pid)
+            applied = time.monotonic()
+            bench.kubectl("apply", "-f", "-", input=json.dumps(manifest(cluster, args.nodes)))
+            wait(lambda: len(nodes.healthy) >= args.nodes, args.timeout, f"{args.nodes} nodes Ready and healthy")
+            ours = time.monotonic() - applied
+            rows.append(("1. nodes Ready: raw s / operator s / ratio", f"{raw:.0f} / {ours:.0f}",
+                         f"{raw / ours:.2f} ({args.nodes / ours:.0f} nodes/s)"))
+            usage("1", operator.pid, cpu0)
+
+            cpu0 = cpu_now(operator.pid)
+            trace = list(generate(args.jobs, seed=7, mean_interarrival=0.0001, mean_runtime=3600,
+                                  gpus=["H100-80GB-HBM3", "H200-141GB"], max_gpus=2048))
+            submitted: dict[str, float] = {}
+            custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
+            for job in trace:
+                body = job_manifest(job, cluster)
+                submitted[body["metadata"]["name"]] = time.time()
+                read_reply(custom.create_namespaced_custom_object(
+                    names.GROUP, names.VERSION, "default", "trainingjobs", body, _preload_content=False))
+            first = min(submitted.values())
+            wait(lambda: len(jobs.admitted_at) >= len(submitted) * 0.5, args.timeout, "half the jobs admitted")
+            time.sleep(20)
+            latencies = [jobs.admitted_at[n] - t for n, t in submitted.items() if n in jobs.admitted_at]
+            last = max(jobs.admitted_at.values())
+            decisions = metric(metrics_port, "gpucluster_admission_decision_seconds_bucket")
+            rows.append(("2. submit->admitted p50 / p99 s", f"{statistics.median(latencies):.2f} / "
+                         f"{percentile(latencies, 0.99):.2f}",
+                         f"{len(latencies)} of {len(submitted)} admitted, "
+                         f"{len(latencies) / (last - first):.1f} jobs/s"))
+            rows.append(("2. planner decision p50 / p99 ms",
+                         f"{histogram_quantile(decisions, 0.5) * 1000:.0f} / "
+                         f"{histogram_quantile(decisions, 0.99) * 1000:.0f}", "aim p99 <= 20 ms"))
+            usage("2", operator.pid, cpu0)
+
+            cpu0 = cpu_now(operator.pid)
+            restarts_before = sum(jobs.restarts.values())
+            busy = sorted(nodes.healthy)[:: max(1, args.nodes // args.faults)][: args.faults]
+            injected = inject(bench, busy, 0.1)
+            faults_injected = len(injected)
+            wait(lambda: all(n in nodes.quarantined_at for n in busy), 600, "every faulty node quarantined")
+            to_cordon = [nodes.quarantined_at[n] - injected[n] for n in busy]
+            time.sleep(10)
+            rows.append(("3. fault->cordon p50 / p99 s", f"{statistics.median(to_cordon):.2f} / "
+                         f"{percentile(to_cordon, 0.99):.2f}",
+                         f"{sum(jobs.restarts.values()) - restarts_before} gangs restarted, aim p99 <= 2 s"))
+            usage("3", operator.pid, cpu0)
+
+            node_names = {n["metadata"]["name"] for n in json.loads(bench.kubectl(
+                "get", "nodes", "-l", f"{names.LABEL_CLUSTER}={cluster}", "-o", "json"))["items"]}
+            pods_before = {p["metadata"]["name"] for p in json.loads(bench.kubectl(
+                "get", "pods", "-A", "-l", names.LABEL_JOB_NAME, "-o", "json"))["items"]}
+            operator.terminate()
+            operator.wait(60)
+            restarted = time.monotonic()
+            operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
+                                        log=log_dir / "operator-2.log")
+
+            def first_cycle() -> bool:
+                try:
+                    return any(v > 0 for k, v in metric(
+                        metrics_port, "gpucluster_jobs{").items())
+                except OSError:
+                    return False
+            wait(first_cycle, 600, "the restarted operator's first admission cycle")
+            warm = time.monotonic() - restarted
+            time.sleep(10)
+            node_names_after = {n["metadata"]["name"] for n in json.loads(bench.kubectl(
+                "get", "nodes", "-l", f"{names.LABEL_CLUSTER}={cluster}", "-o", "json"))["items"]}
+            pods_after = [p for p in json.loads(bench.kubectl(
+                "get", "pods", "-A", "-l", names.LABEL_JOB_NAME, "-o", "json"))["items"]]
+            twice = len(pods_after) - len({p["metadata"]["name"] for p in pods_after})
+            rows.append(("4. restart to first cycle s", f"{warm:.1f}",
+                         f"nodes {len(node_names)} -> {len(node_names_after)}, pods kept "
+                         f"{len(pods_before & {p['metadata']['name'] for p in pods_after})}, made twice {twice}"))
+            usage("4 (new operator)", operator.pid, cpu_now(operator.pid))
+            sampling.set()
+        finally:
+            for process in (operator, agent):
+                process.terminate()
+                process.wait(60)
+    width = max(len(r[0]) for r in rows)
+    for label, value, note in rows:
+        print(f"{label:<{width}}  {value:>16}  {note}")
+    draw(timeline, args.png, args.nodes)
+    print(f"(PNG {args.png}; logs {log_dir})")
+    return 0
+
+
+def draw(timeline: Timeline, path: Path, nodes: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r[0] for r in timeline.rows]
+    figure, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
+    series = [("nodes Ready and healthy", 1), ("GPUs allocated", 2), ("jobs waiting", 3)]
+    for axis, (label, column) in zip(axes, series, strict=False):
+        axis.plot(t, [r[column] for r in timeline.rows])
+        axis.set_ylabel(label)
+    axes[3].plot(t, [r[4] for r in timeline.rows], label="faults injected")
+    axes[3].plot(t, [r[5] for r in timeline.rows], label="nodes cordoned")
+    axes[3].legend()
+    axes[3].set_xlabel("seconds since apply")
+    axes[0].set_title(f"Colossus at {nodes:,} nodes")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

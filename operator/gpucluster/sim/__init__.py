@@ -1,0 +1,1 @@
+"""`gpucluster simulate`: trace replay through the production planner."""
