@@ -741,15 +741,15 @@ def _stop_node(node: NodeState) -> list[str]:
         if _alive(procs, name):
             _terminate(procs.pids[name])
             stopped.append(f"{node.name}/{name}")
-    _wait_gone(lambda: _pids_in(procs.namespaces) | _cgroup_pids(node))
+    _wait_until(lambda: not (_pids_in(procs.namespaces) | _cgroup_pids(node)))
     _remove_cgroups(node)
     procs.pids = {}
     return stopped
 
 
-def _wait_gone(pids: Callable[[], set[int]], timeout: float = 10.0) -> None:
+def _wait_until(done: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while pids() and time.monotonic() < deadline:
+    while not done() and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -772,11 +772,15 @@ def stop(cluster_state_dir: Path) -> list[str]:
     if _alive(nodes.procs, "holder"):
         _terminate(nodes.procs.holder)
         stopped.append("network")
-    _wait_gone(lambda: _pids_in(nodes.procs.namespaces))
-    # The veth goes with the network's namespace; this is for a host end
-    # left by a start that failed before the namespace held it.
-    if nodes.veth and Path(f"/sys/class/net/{nodes.veth}").exists():
-        _run("ip", "link", "del", nodes.veth)
+    _wait_until(lambda: not _pids_in(nodes.procs.namespaces))
+    # The veth goes with the network's namespace, once the kernel has torn
+    # that down (after its last process, not at once); if it lingers past
+    # the wait, it is deleted (and may vanish meanwhile: no error then).
+    veth = Path(f"/sys/class/net/{nodes.veth}")
+    if nodes.veth:
+        _wait_until(lambda: not veth.exists())
+        if veth.exists():
+            subprocess.run(["ip", "link", "del", nodes.veth], capture_output=True)
     nodes.procs.pids = {}
     nodes.save()
     for thing in leftovers(cluster_state_dir):
