@@ -39,7 +39,7 @@ IMAGE = os.environ.get("GPUCLUSTER_E2E_IMAGE", "gpucluster:e2e")
 REAL_NODES = 2
 CHART = REPO_ROOT / "helm" / "gpucluster"
 
-# How long the session's bring-up took, for the summary at the end.
+# How long the bring-up and a job took, for the summary at the end.
 timings: dict[str, float] = {}
 
 
@@ -121,4 +121,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for what, seconds in timings.items():
-        terminalreporter.write_line(f"e2e on real nodes: {what} in {seconds:.0f} s")
+        terminalreporter.write_line(f"e2e: {what} in {seconds:.0f} s")

@@ -44,16 +44,19 @@ def test_the_operator_replicas_are_ready_and_one_leads(e2e: Cluster) -> None:
     pods = wait_for(lambda: [p for p in component_pods(e2e, "operator") if ready(p)], timeout=120,
                     what="the operator's pods Ready")
     assert len(pods) == replicas
-    wait_for(lambda: len(kubectl.get("clusterkopfpeering", "gpucluster").get("status") or {}) == replicas,
-             timeout=60, what=f"{replicas} replicas' keep-alives in the peering object")
+    peers = wait_for(lambda: len(kubectl.get("clusterkopfpeering", "gpucluster").get("status") or {}) == replicas
+                     and kubectl.get("clusterkopfpeering", "gpucluster")["status"], timeout=60,
+                     what=f"{replicas} replicas' keep-alives in the peering object")
 
-    # The logs come through the real kubelet: the API server dials it.
-    def standing_by() -> list[str]:
+    # Every replica starts paused; the one of the highest priority resumes,
+    # the others stay paused while it lives. The logs come through the real
+    # kubelet: the API server dials it.
+    def resumed() -> list[str]:
         return [p["metadata"]["name"] for p in pods
-                if "Pausing operations in favour of" in kubectl.run("logs", "-n", e2e.namespace,
-                                                                     p["metadata"]["name"]).stdout]
-    wait_for(lambda: len(standing_by()) == replicas - 1, timeout=60,
-             what=f"{replicas - 1} replica(s) standing by in favour of the leader")
+                if "Resuming operations after the pause" in kubectl.run("logs", "-n", e2e.namespace,
+                                                                        p["metadata"]["name"]).stdout]
+    leaders = wait_for(resumed, timeout=60, what="a replica to resume")
+    assert leaders == [max(peers, key=lambda name: peers[name]["priority"])], (leaders, peers)
 
 
 def test_the_chart_pods_pass_their_probes(e2e: Cluster) -> None:

@@ -7,6 +7,7 @@ those two need two GPU nodes)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..integration.harness import wait_for
-from .conftest import Cluster
+from .conftest import Cluster, timings
 
 pytestmark = pytest.mark.e2e
 
@@ -87,8 +88,10 @@ def worker_logs(e2e: Cluster, job: str, attempt: int) -> dict[int, str]:
 def test_a_two_worker_job_rendezvouses_and_succeeds(e2e: Cluster, pool: list[str], job: str) -> None:
     # A node per worker where there are two: the ranks meet across nodes.
     gpus = 8 if len(pool) >= 2 else 4
+    started = time.monotonic()
     e2e.kubectl.apply(job_manifest(job, gpus))
     done = wait_phase(e2e, job, "Succeeded")
+    timings[f"a 2 x {gpus} GPU TrainingJob, created to Succeeded"] = time.monotonic() - started
     assert done["restarts"] == 0
     logs = worker_logs(e2e, job, done["attempt"])
     world = 2 * gpus
