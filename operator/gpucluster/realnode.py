@@ -670,6 +670,19 @@ def _start_coredns(kubectl: Kubectl, nodes: RealNodes) -> None:
 # --- stop --------------------------------------------------------------------------------------------
 
 
+def _held(procs: Processes) -> dict[str, int]:
+    """The holder's namespaces, while its holder holds them: only then is
+    every process in them surely ours. Once a namespace is gone the kernel
+    gives its inode number to new ones, so a number alone proves nothing."""
+    if not _alive(procs, "holder"):
+        return {}
+    try:
+        held = {ns: os.stat(f"/proc/{procs.holder}/ns/{ns}").st_ino for ns in procs.namespaces}
+    except OSError:
+        return {}
+    return procs.namespaces if held == procs.namespaces else {}
+
+
 def _pids_in(namespaces: dict[str, int]) -> set[int]:
     """Every process in any of these namespaces."""
     found = set()
@@ -718,6 +731,7 @@ def _kill(pids: set[int]) -> None:
 
 def _stop_node(node: NodeState) -> list[str]:
     procs = node.procs
+    held = _held(procs)
     stopped = []
     for name in ("kubelet", "kube-proxy"):
         if _alive(procs, name):
@@ -736,12 +750,12 @@ def _stop_node(node: NodeState) -> list[str]:
     # Whatever is left of the node (a shim, a container's process) is killed
     # by pid; then the forwarder and the holder.
     holder = procs.pids.get("holder", 0)
-    _kill((_pids_in(procs.namespaces) | _cgroup_pids(node)) - {holder})
+    _kill((_pids_in(held) | _cgroup_pids(node)) - {holder})
     for name in ("apiserver-forwarder", "holder"):
         if _alive(procs, name):
             _terminate(procs.pids[name])
             stopped.append(f"{node.name}/{name}")
-    _wait_until(lambda: not (_pids_in(procs.namespaces) | _cgroup_pids(node)))
+    _wait_until(lambda: not (_pids_in(held) | _cgroup_pids(node)))
     _remove_cgroups(node)
     procs.pids = {}
     return stopped
@@ -768,11 +782,12 @@ def stop(cluster_state_dir: Path) -> list[str]:
         # the API server may be down already.
         subprocess.run([*nodes.kubectl, "delete", "node", "--wait=false", "--request-timeout=10s",
                         *(n.name for n in nodes.nodes)], capture_output=True)
-    _kill(_pids_in(nodes.procs.namespaces) - {nodes.procs.pids.get("holder", 0)})
+    held = _held(nodes.procs)
+    _kill(_pids_in(held) - {nodes.procs.pids.get("holder", 0)})
     if _alive(nodes.procs, "holder"):
         _terminate(nodes.procs.holder)
         stopped.append("network")
-    _wait_until(lambda: not _pids_in(nodes.procs.namespaces))
+    _wait_until(lambda: not _pids_in(held))
     # The veth goes with the network's namespace, once the kernel has torn
     # that down (after its last process, not at once); if it lingers past
     # the wait, it is deleted (and may vanish meanwhile: no error then).
@@ -795,11 +810,11 @@ def leftovers(cluster_state_dir: Path) -> list[str]:
     nodes = RealNodes.load(cluster_state_dir)
     if nodes is None:
         return []
-    found = [f"process {pid} in the network's namespace" for pid in _pids_in(nodes.procs.namespaces)]
+    found = [f"process {pid} in the network's namespace" for pid in _pids_in(_held(nodes.procs))]
     if nodes.veth and Path(f"/sys/class/net/{nodes.veth}").exists():
         found.append(f"host interface {nodes.veth}")
     for node in nodes.nodes:
-        found += [f"process {pid} of {node.name}" for pid in _pids_in(node.procs.namespaces) | _cgroup_pids(node)]
+        found += [f"process {pid} of {node.name}" for pid in _pids_in(_held(node.procs)) | _cgroup_pids(node)]
         found += [f"cgroup {h / node.cgroup_root.lstrip('/')}" for h in _cgroup_hierarchies()
                   if (h / node.cgroup_root.lstrip("/")).exists()]
     found += [f"mount on {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines()
