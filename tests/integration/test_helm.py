@@ -191,7 +191,8 @@ def replicas_as_service_account(release: str, kubectl: Kubectl, operator: Operat
         older.start()
         # Mandatory peering: nothing happens until the operator has found the
         # chart's peering object and written its keep-alive there.
-        wait_for(lambda: len(kubectl.get("clusterkopfpeering", PEERING).get("status") or {}) == 1, timeout=30,
+        # Generous: a Python process's start, which a loaded machine slows.
+        wait_for(lambda: len(kubectl.get("clusterkopfpeering", PEERING).get("status") or {}) == 1, timeout=120,
                  what=f"the first replica's keep-alive in ClusterKopfPeering {PEERING}; log: {older.log_path}")
         newer.start()
         yield older, newer
@@ -212,7 +213,7 @@ def test_two_replicas_as_the_service_account_one_active(
     # The older replica leads (runner's default priority is minus the start
     # time); the newer one starts paused and stays so beside it, rather than
     # both freezing, as Kopf does on a tie.
-    wait_for(lambda: len(kubectl.get("clusterkopfpeering", PEERING).get("status") or {}) == 2, timeout=30,
+    wait_for(lambda: len(kubectl.get("clusterkopfpeering", PEERING).get("status") or {}) == 2, timeout=120,
              what=f"the newer replica's keep-alive; log: {newer.log_path}")
     name = f"helm-{RUN}"
     kubectl.apply({"apiVersion": "gpucluster.dev/v1alpha1", "kind": "TrainingCluster", "metadata": {"name": name},

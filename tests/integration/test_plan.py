@@ -24,7 +24,7 @@ def plan(kubeconfig: str, tmp_path: Path, manifest: dict[str, Any]) -> tuple[int
     path.write_text(json.dumps(manifest))
     env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONPATH": str(REPO_ROOT / "operator")}
     done = subprocess.run([sys.executable, "-m", "gpucluster.cli", "plan", "-f", str(path), "-o", "json"],
-                          capture_output=True, text=True, env=env, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=300)
     return done.returncode, json.loads(done.stdout) if done.stdout else {}, done.stderr
 
 

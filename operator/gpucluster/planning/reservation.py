@@ -16,24 +16,26 @@ The rules, each a tie-break of the ones before it:
 4. On those nodes, the placement rules of placement.py.
 
 Which gangs, per domain: ranked by the slots their end alone adds to the
-domain for the head's worker size, most first, then the earliest admitted (a
-gang backfilled since, or admitted this cycle, is waited for last, so the
-reservation does not wander onto it from one cycle to the next), then key;
-added one at a time until the head fits, then every one but the last dropped
-again, last added first, if the head still fits without it. Where no node
-holds GPUs of two of these gangs, the slots they free add up, and the k
-gangs freeing the most free the most any k gangs can: the count found is
-then the fewest possible. Where gangs share nodes it is a greedy bound, and
-still exact whenever one gang would do.
+domain for the head's worker size, most first, then the earliest admitted (of
+gangs freeing as much, one backfilled since or admitted this cycle comes
+last, so the reservation does not wander onto it from one cycle to the
+next), then key; added one at a time until the head fits, then every one but
+the last dropped again, last added first, if the head still fits without it.
+Where no node holds GPUs of two of these gangs, the slots they free add up,
+and the k gangs freeing the most free the most any k gangs can: the count
+found is then the fewest possible. Where gangs share nodes it is a greedy
+choice, not always the fewest, but still the fewest whenever one gang would
+do.
 
-Cost per head: a few passes over the gangs' nodes (each gang split into its
-parts per domain), a sort of the gangs of each domain, a sort of the chosen
-domain's nodes with room, and an index built over the head's nodes: linear
-in nodes plus gangs, up to a logarithm.
+Cost per head: a few passes over the gangs' nodes (a gang spanning domains
+split into its part in each), a sort of the gangs of each domain, a sort of
+the nodes with room now when the head needs some, and an index built over
+the head's nodes only: linear in nodes plus gangs, up to a logarithm.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -87,22 +89,28 @@ def _nodes_for(
 ) -> list[IndexedNode]:
     """The nodes of `domain` the ending gangs free, and enough with room now
     to hold the rest of the head (rule 3); never a masked node."""
-    worker_gpus = head.gpus_per_worker
+    level, worker_gpus = domain[0], head.gpus_per_worker
     chosen: list[IndexedNode] = []
-    with_room: list[IndexedNode] = []
     slots = 0
     slots_near: Counter[Domain] = Counter()
-    for node in index.domain_nodes(domain):
-        if node.masks:
+    for name, gpus in gpus_back.items():
+        node = index.node(name)
+        if not gpus or node is None or node.masks or node.domain(level) != domain:
             continue
-        if gpus_back.get(node.name):
-            node_slots = index.capacity_if_released(node, gpus_back[node.name]) // worker_gpus
-            chosen.append(node)
-            slots += node_slots
-            slots_near[node.domain("block")] += node_slots
-            slots_near[node.domain("rack")] += node_slots
-        elif index.capacity_if_released(node, 0) >= worker_gpus:
-            with_room.append(node)
+        node_slots = index.capacity_if_released(node, gpus) // worker_gpus
+        chosen.append(node)
+        slots += node_slots
+        slots_near[node.domain("block")] += node_slots
+        slots_near[node.domain("rack")] += node_slots
+    if slots >= head.workers:
+        return chosen
+    # Nodes with room for a worker now: the end of the index's capacity order.
+    with_room = [
+        node
+        for node in (index.nodes[key[2]] for key in index.node_keys[bisect_left(
+            index.node_keys, (worker_gpus,)):])
+        if not gpus_back.get(node.name) and node.domain(level) == domain
+    ]
     with_room.sort(
         key=lambda node: (
             -slots_near[node.domain("block")],
@@ -128,9 +136,13 @@ def _gangs_by_domain(
     for gang in gangs:
         if gang.evicting:
             continue
+        nodes = [index.node(name) for name in gang.gpus_by_node]
+        domains = {node.domain(level) for node in nodes if node is not None}
+        if len(domains) == 1 and None not in nodes:
+            by_domain[domains.pop()].append(gang)  # the usual case: the gang is its part
+            continue
         parts: dict[Domain, dict[str, int]] = defaultdict(dict)
-        for name, gpus in gang.gpus_by_node.items():
-            node = index.node(name)
+        for (name, gpus), node in zip(gang.gpus_by_node.items(), nodes, strict=True):
             if node is not None:
                 parts[node.domain(level)][name] = gpus
         for domain, gpus_by_node in parts.items():
