@@ -179,8 +179,8 @@ def missing_prerequisites() -> list[str]:
 # --- processes ---------------------------------------------------------------------------------------
 
 
-def _run(*args: str, input: str | None = None) -> str:
-    result = subprocess.run(list(args), input=input, capture_output=True, text=True)
+def _run(*args: str) -> str:
+    result = subprocess.run(list(args), capture_output=True, text=True)
     if result.returncode != 0:
         raise NodeError(f"{' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
@@ -284,6 +284,14 @@ def _pick_subnet(state_dir: Path) -> ipaddress.IPv4Network:
         if not any(subnet.overlaps(u) for u in used):
             return subnet
     raise NodeError(f"no free /24 in {NETWORK_RANGE} for the nodes' network")
+
+
+def _node_ip(subnet: ipaddress.IPv4Network, index: int) -> str:
+    return str(subnet.network_address + 2 + index)
+
+
+def _pod_subnet(index: int) -> str:
+    return str(list(POD_CIDR.subnets(new_prefix=24))[index])
 
 
 def _hash(text: str, length: int = 8) -> str:
@@ -597,8 +605,7 @@ def _start_network(nodes: RealNodes) -> None:
 def _start_node(cluster: devcluster.ClusterState, nodes: RealNodes, index: int, count: int) -> None:
     subnet = ipaddress.IPv4Network(nodes.subnet)
     name = f"realnode-{index}"
-    node = NodeState(name=name, index=index, ip=str(subnet.network_address + 2 + index),
-                     pod_subnet=str(list(POD_CIDR.subnets(new_prefix=24))[index]),
+    node = NodeState(name=name, index=index, ip=_node_ip(subnet, index), pod_subnet=_pod_subnet(index),
                      cgroup_root=f"/gpucluster-{_hash(nodes.dir)}-{index}", dir=str(Path(nodes.dir) / name))
     for sub in ("var/lib", "var/log", "run"):
         (node.root / sub).mkdir(parents=True)
@@ -616,8 +623,8 @@ def _start_node(cluster: devcluster.ClusterState, nodes: RealNodes, index: int, 
     commands = [["addr", "add", f"{node.ip}/{subnet.prefixlen}", "dev", "eth0"], ["link", "set", "eth0", "up"],
                 ["route", "add", "default", "via", nodes.host_ip]]
     # Every other node's pods are behind that node.
-    commands += [["route", "add", str(list(POD_CIDR.subnets(new_prefix=24))[other]),
-                  "via", str(subnet.network_address + 2 + other)] for other in range(count) if other != index]
+    commands += [["route", "add", _pod_subnet(other), "via", _node_ip(subnet, other)]
+                 for other in range(count) if other != index]
     for args in commands:
         _run(*_enter(procs, "ip", *args))
 
