@@ -17,6 +17,7 @@ binaries:
 	hack/build-kubelet.sh >/dev/null
 	hack/build-kueue.sh >/dev/null
 	hack/realnode/build-binaries.sh >/dev/null
+	hack/build-karpenter.sh >/dev/null
 
 demo: $(BIN)/gpucluster binaries
 	hack/demo.sh

@@ -1,6 +1,7 @@
 """Benchmark of the TrainingJob admission planner.
 
-    PYTHONPATH=operator python bench/admission.py [--quick] [--seed N]
+    PYTHONPATH=operator python bench/admission.py [--quick] [--seed N] [--traces K]
+                                                  [--skip-latency]
 
 1. Decision latency. A pool pair (80% H100, 20% H200) of 5,000 and of
    25,000 nodes x 8 GPUs (racks of 4 nodes, blocks of 8 racks), about 80%
@@ -18,10 +19,16 @@
 2. Utilisation on a simulated trace. Jobs of mixed sizes (the same mix) and
    log-normal durations (median 1.5 h) arrive as a Poisson stream on a
    simulated clock, once near the pool's capacity and once well above it;
-   every `CYCLE_SECONDS` the policy looks at the queue. Utilisation is
+   every `CYCLE_SECONDS` the policy looks at the queue. Each job has a
+   run-time limit (spec.activeDeadlineSeconds) as users set them: its
+   duration times a factor drawn from 1 to 3, rounded up to a whole hour.
+   Utilisation is
    allocated GPU-seconds over available GPU-seconds from the end of a
    warm-up to the end of arrivals. Policies, all on the same trace:
-   - planner: `plan_admissions` (topology, best fit, reservation backfill);
+   - planner: `plan_admissions` (topology, best fit, reservation backfill,
+     and backfill onto the head's reservation of jobs whose limits end them
+     before the head's start);
+   - planner (no limits): the same trace with no job declaring a limit;
    - first-fit (blocking): queue order, each worker on the first node in
      name order with room, no topology; the first job that does not fit
      blocks everything behind it (strict FIFO, like Kueue's StrictFIFO
@@ -44,7 +51,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import math
 import random
 import statistics
 import time
@@ -306,7 +315,8 @@ def make_trace(nodes: list[NodeSnapshot], hours: float, load: float, seed: int) 
             return trace
         job = random_job(f"trace/{len(trace)}", rng, "h100", clock, 0)
         duration = min(12 * HOUR, rng.lognormvariate(0, 0.5) * 1.5 * HOUR)
-        trace.append(TraceJob(job, duration))
+        limit = math.ceil(duration * rng.uniform(1.0, 3.0) / HOUR) * HOUR
+        trace.append(TraceJob(dataclasses.replace(job, time_limit=limit), duration))
 
 
 def simulate(nodes: list[NodeSnapshot], trace: list[TraceJob], policy: Policy,
@@ -332,7 +342,8 @@ def simulate(nodes: list[NodeSnapshot], trace: list[TraceJob], policy: Policy,
             usage = Counter({name: 0 for name in ranks})
             for name in ranks:
                 usage[name] += job.gpus_per_worker
-            running[key] = (RunningGang(key, 0, job.pool, dict(usage), clock), end)
+            ends_by = None if job.time_limit is None else clock + job.time_limit
+            running[key] = (RunningGang(key, 0, job.pool, dict(usage), clock, ends_by=ends_by), end)
             sim.waits[key] = clock - job.arrival
             overlap = max(0.0, min(end, horizon) - max(clock, warmup))
             sim.busy_gpu_seconds += job.gpus * overlap
@@ -356,7 +367,8 @@ def longest_wait(sim: Simulation, jobs: Sequence[PendingJob], horizon: float) ->
     return f"{'>' if still_queued else ' '}{wait / HOUR:4.1f} h"
 
 
-def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> None:
+def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> dict[str, float]:
+    """Prints one trace's table; returns each policy's utilisation."""
     rng = random.Random(seed)
     nodes = [
         NodeSnapshot(n.name, "h100", n.gpu_product, n.allocatable_gpus, n.block, n.rack)
@@ -376,14 +388,17 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
         f"a cycle every {CYCLE_SECONDS:.0f} s, utilisation from {warmup / HOUR:.0f} h to "
         f"{hours:.0f} h"
     )
+    without_limits = [TraceJob(dataclasses.replace(item.job, time_limit=None), item.duration)
+                      for item in trace]
     results = {}
-    for name, policy in (
-        ("planner", planner_policy),
-        ("first-fit (blocking)", first_fit_policy(skip_blocked=False)),
-        ("first-fit (skipping)", first_fit_policy(skip_blocked=True)),
-        ("first-fit (skip, lvl)", first_fit_policy(skip_blocked=True, keep_levels=True)),
+    for name, policy, jobs in (
+        ("planner", planner_policy, trace),
+        ("planner (no limits)", planner_policy, without_limits),
+        ("first-fit (blocking)", first_fit_policy(skip_blocked=False), trace),
+        ("first-fit (skipping)", first_fit_policy(skip_blocked=True), trace),
+        ("first-fit (skip, lvl)", first_fit_policy(skip_blocked=True, keep_levels=True), trace),
     ):
-        sim = simulate(nodes, trace, policy, warmup, horizon)
+        sim = simulate(nodes, jobs, policy, warmup, horizon)
         utilisation = sim.busy_gpu_seconds / (capacity * (horizon - warmup))
         results[name] = utilisation
         waits = sorted(sim.waits.values())
@@ -404,20 +419,40 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
         f"planner / first-fit (skip, lvl) "
         f"{results['planner'] / results['first-fit (skip, lvl)']:.3f}x"
     )
+    return results
+
+
+def print_means(load: float, runs: Sequence[dict[str, float]]) -> None:
+    """Mean utilisation of each policy over the seeds' traces, and the
+    planner's ratio to each baseline: one trace decides little when the
+    policies are a tenth of a point apart."""
+    means = {name: statistics.mean(run[name] for run in runs) for name in runs[0]}
+    print(f"  mean over {len(runs)} traces at target {load}x: " + ", ".join(
+        f"{name} {value:.2%}" for name, value in means.items()))
+    print("    planner / " + ", planner / ".join(
+        f"{name} {means['planner'] / value:.4f}x" for name, value in means.items() if name != "planner"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark of the TrainingJob admission planner.")
     parser.add_argument("--quick", action="store_true", help="fewer cycles, a shorter trace")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--traces", type=int, default=3,
+                        help="traces per load (seeds from --seed on); their means are compared")
+    parser.add_argument("--skip-latency", action="store_true", help="only the utilisation part")
     args = parser.parse_args()
     cycles = 1 if args.quick else 3
-    print("1. decision latency")
-    for node_count in (5_000, 25_000):
-        bench_decisions(node_count, 1_000, cycles, args.seed)
+    if not args.skip_latency:
+        print("1. decision latency")
+        for node_count in (5_000, 25_000):
+            bench_decisions(node_count, 1_000, cycles, args.seed)
     print("2. utilisation on a simulated trace")
+    traces = 1 if args.quick else args.traces
     for load in (0.9, 1.3):
-        bench_utilisation(256 if args.quick else 512, 36 if args.quick else 72, load, args.seed)
+        runs = [bench_utilisation(256 if args.quick else 512, 36 if args.quick else 72, load, seed)
+                for seed in range(args.seed, args.seed + traces)]
+        if traces > 1:
+            print_means(load, runs)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ class BenchCluster:
     state_dir: Path
 
     def kubectl(self, *argv: str, input: str | None = None) -> str:
-        return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
-                              text=True, capture_output=True, check=True).stdout
+        result = subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *argv], input=input,
+                                text=True, capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
+        return result.stdout
 
     def gpucluster(self, *argv: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A `gpucluster` subcommand against this cluster, logging to `log`."""

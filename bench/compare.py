@@ -653,6 +653,9 @@ def summarise(kind: str, stream: Stream, tracker: Tracker, t0: float, end: float
             "largest_jobs_longest_wait_s": round(max(w for w, _ in largest_waits), 1) if largest_waits else math.nan,
             "largest_jobs_never_bound": sum(1 for _, bound in largest_waits if not bound),
             "pods_seen": len(pods),
+            # KWOK's part, the same for every system: bound to Running.
+            "pod_start_p99_s": round(wait_percentile(
+                [(p.running_at - p.bound_at, True) for p in pods if p.running_at and p.bound_at], 0.99)[0], 2),
             "node_not_ready_events": tracker.node_flaps,
         }
     return row, series
@@ -721,7 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream", type=Path, help="replay this stream file instead of generating one")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--max-minutes", type=float, default=60.0, help="per system, from the first submission")
-    parser.add_argument("--stall-seconds", type=float, default=120.0)
+    parser.add_argument("--stall-seconds", type=float, default=600.0,
+                        help="stop a system after this long with nothing running, bound or done (a deadlock, "
+                             "or an operator starved of its admission cycle)")
     parser.add_argument("--out", type=Path, default=REPO / ".local-cluster" / "compare-results")
     args = parser.parse_args(argv)
     if os.environ.get("GPUCLUSTER_KUBECONFIG"):
@@ -736,6 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = RunLimits(args.max_minutes * 60, args.stall_seconds)
     print(f"{len(stream.jobs)} jobs on {stream.nodes} nodes ({stream.pools}), stream {args.out / 'stream.json'}",
           file=sys.stderr, flush=True)
+    capacity = stream.nodes * GPUS_PER_NODE
+    settings = {"nodes": stream.nodes, "pools": stream.pools, "jobs": len(stream.jobs), "seed": stream.seed,
+                "client_qps": CLIENT_QPS, "client_burst": CLIENT_BURST,
+                "stream": str(args.out / "stream.json"), "limits": asdict(limits)}
     rows, series = [], {}
     for kind in systems:
         row, points = run_system(kind, stream, limits)
@@ -743,11 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         series[kind] = points
         print(f"{kind}: {row['completed']}/{row['jobs']} done, {row['stopped_by']}; nodes gone NotReady during "
               f"the run: {row['node_not_ready_events']}", file=sys.stderr, flush=True)
-    capacity = stream.nodes * GPUS_PER_NODE
-    settings = {"nodes": stream.nodes, "pools": stream.pools, "jobs": len(stream.jobs), "seed": stream.seed,
-                "client_qps": CLIENT_QPS, "client_burst": CLIENT_BURST,
-                "stream": str(args.out / "stream.json"), "limits": asdict(limits)}
-    (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+        # Written after each system: a long run that fails later keeps the rows it has.
+        (args.out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     plot(series, capacity, args.out / "gpus.png",
          f"GPUs allocated: {len(stream.jobs)} jobs on {stream.nodes} nodes ({capacity} GPUs)")
     print(table(rows))

@@ -96,8 +96,7 @@ class Kueue:
         # The Workload CRD is over the 256 KiB a client-side apply may write
         # into its last-applied annotation.
         self.bench.kubectl("apply", "--server-side", "-f", str(kueue.crds))
-        crds = [f"crd/{p.stem.split('_', 1)[1]}.kueue.x-k8s.io" for p in sorted(kueue.crds.glob("*.yaml"))]
-        self.bench.kubectl("wait", "--for=condition=Established", "--timeout=600s", *crds)
+        self._wait_established({f"{p.stem.split('_', 1)[1]}.kueue.x-k8s.io" for p in kueue.crds.glob("*.yaml")})
         self.bench.kubectl("create", "namespace", NAMESPACE)
         webhook_port, health_port = _free_port(), _free_port()
         self._apply_webhooks(kueue.webhooks, webhook_port, (certs / "tls.crt").read_bytes())
@@ -112,6 +111,24 @@ class Kueue:
                  str(kueue.binary), f"--config={config}", f"--kubeconfig={self.bench.kubeconfig}"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._wait_ready(health_port)
+
+    def _wait_established(self, crds: set[str]) -> None:
+        """Until every CRD is Established. Polled: on a loaded machine
+        `kubectl wait` gave up at once on a CRD the API server was still
+        registering."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                listed = json.loads(self.bench.kubectl("get", "crd", "-o", "json"))["items"]
+            except RuntimeError:
+                listed = []
+            established = {c["metadata"]["name"] for c in listed
+                           if any(k["type"] == "Established" and k["status"] == "True"
+                                  for k in (c.get("status") or {}).get("conditions") or [])}
+            if crds <= established:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"Kueue's CRDs not Established after {READY_TIMEOUT_S:.0f} s: {sorted(crds - established)}")
 
     def configuration(self, webhook_port: int, health_port: int, certs: Path) -> dict[str, Any]:
         return {

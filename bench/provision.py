@@ -2,12 +2,17 @@
 all of its N nodes Ready, against the raw rate at which a plain client makes
 the same Node objects Ready on the same API server, in the same run.
 
-    python bench/provision.py --nodes 1000 [--nodes 5000 ...]
+    python bench/provision.py --nodes 1000 [--nodes 5000 ...] [--provider karpenter]
 
 Both sides end at the same line (every node Ready, as KWOK reports it), use
 the same Node manifests and the same client concurrency, so the ratio is the
 operator's own overhead. A local control plane is started for the run (or
 GPUCLUSTER_KUBECONFIG names a running one).
+
+`--provider karpenter` adds a karpenter pool beside the kwok one: the
+operator writes one NodePool and Karpenter's own KWOK provider (built by
+hack/build-karpenter.sh) launches the NodeClaims and creates the nodes, so
+its column is Karpenter's pace plus the operator's labelling of each node.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BenchCluster, bench_cluster, watch_nodes
-from gpucluster import names
+from gpucluster import devkarpenter, names
 from gpucluster.api.gpus import GPUProduct
 from gpucluster.kube.client import CONCURRENCY
 from gpucluster.kube.nodes import PoolNodeTemplate
@@ -31,6 +36,7 @@ from gpucluster.planning.pools import PoolProvider, PoolShape, plan_pool
 from tqdm import tqdm
 
 NODES_PER_RACK, RACKS_PER_BLOCK = 4, 8
+NODE_CLASS = "bench"
 
 
 class ReadyCounter:
@@ -85,17 +91,19 @@ def raw_create(bench: BenchCluster, count: int, timeout: float) -> float:
     return elapsed
 
 
-def operator_create(bench: BenchCluster, count: int, timeout: float) -> float:
-    cluster = f"op{int(time.time()) % 100000}"
-    counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count, "operator")
+def operator_create(bench: BenchCluster, count: int, timeout: float, provider: str) -> float:
+    cluster = f"{provider[:4]}{int(time.time()) % 100000}"
+    counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count, provider)
+    pool: dict[str, Any] = {"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": count, "provider": provider,
+                            "topology": {"nodesPerRack": NODES_PER_RACK, "racksPerBlock": RACKS_PER_BLOCK}}
+    if provider == PoolProvider.KARPENTER:
+        pool["nodeClassRef"] = {"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": NODE_CLASS}
     manifest = {"apiVersion": names.API_VERSION, "kind": "TrainingCluster", "metadata": {"name": cluster},
-                "spec": {"pools": [{"name": "h100", "gpu": "H100-80GB-HBM3", "nodes": count,
-                                    "topology": {"nodesPerRack": NODES_PER_RACK,
-                                                 "racksPerBlock": RACKS_PER_BLOCK}}]}}
+                "spec": {"pools": [pool]}}
     start = time.monotonic()
     bench.kubectl("apply", "-f", "-", input=json.dumps(manifest))
     if not counter.wait(timeout):
-        raise SystemExit(f"operator: only {len(counter.ready)}/{count} Ready after {timeout} s")
+        raise SystemExit(f"{provider}: only {len(counter.ready)}/{count} Ready after {timeout} s")
     elapsed = time.monotonic() - start
     bench.kubectl("delete", "tc", cluster, "--timeout=600s")
     return elapsed
@@ -109,29 +117,49 @@ def wait_gone(bench: BenchCluster, timeout: float = 600) -> None:
         time.sleep(1)
 
 
+def start_karpenter(bench: BenchCluster, state_dir: Path) -> None:
+    """Karpenter's KWOK provider on the bench cluster, and its node class."""
+    bin_dir = devkarpenter.build()
+    devkarpenter.up(state_dir, bench.kubeconfig, bin_dir)
+    bench.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "karpenter.kwok.sh/v1alpha1", "kind": "KWOKNodeClass", "metadata": {"name": NODE_CLASS}}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, action="append", help="node counts to run (repeatable)")
+    parser.add_argument("--provider", action="append", choices=[PoolProvider.KWOK, PoolProvider.KARPENTER],
+                        help="providers to run beside the raw rate (repeatable; default kwok; karpenter "
+                             "runs kwok too, for comparison)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
-    log = Path(tempfile.mkdtemp(prefix="gpucluster-bench-")) / "operator.log"
+    providers = [PoolProvider.KWOK] + [p for p in args.provider or [] if p != PoolProvider.KWOK]
+    logs = Path(tempfile.mkdtemp(prefix="gpucluster-bench-"))
     with bench_cluster("bench") as bench:
-        operator = bench.gpucluster("run", "--metrics-port", "0", "--liveness-port", "0", log=log)
+        if PoolProvider.KARPENTER in providers:
+            start_karpenter(bench, logs)
+        operator = bench.gpucluster("run", "--metrics-port", "0", "--liveness-port", "0",
+                                    log=logs / "operator.log")
         try:
             time.sleep(3)
-            print(f"{'nodes':>7} {'raw s':>8} {'raw nodes/s':>12} {'operator s':>11} "
-                  f"{'operator nodes/s':>17} {'ratio':>6}", flush=True)
+            header = f"{'nodes':>7} {'raw s':>8} {'raw nodes/s':>12}"
+            for provider in providers:
+                header += f" {provider + ' s':>12} {provider + ' nodes/s':>18} {'ratio':>6}"
+            print(header, flush=True)
             for count in args.nodes or [1000]:
                 raw = raw_create(bench, count, args.timeout)
                 wait_gone(bench)
-                ours = operator_create(bench, count, args.timeout)
-                wait_gone(bench)
-                print(f"{count:>7} {raw:>8.1f} {count / raw:>12.0f} {ours:>11.1f} {count / ours:>17.0f} "
-                      f"{raw / ours:>6.2f}", flush=True)
+                row = f"{count:>7} {raw:>8.1f} {count / raw:>12.0f}"
+                for provider in providers:
+                    ours = operator_create(bench, count, args.timeout, provider)
+                    wait_gone(bench)
+                    row += f" {ours:>12.1f} {count / ours:>18.0f} {raw / ours:>6.2f}"
+                print(row, flush=True)
         finally:
             operator.terminate()
             operator.wait(30)
-    print(f"(operator log: {log})")
+            devkarpenter.down(logs)
+    print(f"(operator and Karpenter logs: {logs})")
     return 0
 
 

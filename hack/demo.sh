@@ -94,7 +94,8 @@ kubectl get events --field-selector involvedObject.name=llama-pretrain --sort-by
 say "Metrics: the operator's gpucluster_* and the agent's dcgm-exporter DCGM_FI_DEV_* series"
 curl -s http://127.0.0.1:8080/metrics | grep -E '^gpucluster_(pool_gpus|jobs|gang_restarts_total|remediations_total)\{' | head -8
 for series in XID_ERRORS GPU_TEMP POWER_USAGE; do
-  curl -s http://127.0.0.1:9400/metrics | grep -E "^DCGM_FI_DEV_$series\{.*Hostname=\"$victim\"" | grep 'gpu="3"'
+  curl -s http://127.0.0.1:9400/metrics | grep -E "^DCGM_FI_DEV_$series\{.*Hostname=\"$victim\"" | grep 'gpu="3"' \
+    || echo "DCGM_FI_DEV_$series: no reading for $victim GPU 3 (it fell off the bus, as a lost GPU reports none)"
 done
 
 say "gpucluster plan of a scale-up: 8 -> 12 H100 nodes, before anything is applied"

@@ -429,26 +429,29 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def stop_process(pid: int, binary: str) -> bool:
+    """Stops the process `pid` if it still runs `binary`: SIGTERM, then
+    SIGKILL after 10 s. Returns whether it was running."""
+    if not _alive(pid, binary):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _alive(pid, binary) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid, binary):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
 def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
     """Stops every process this state folder started, by pid: SIGTERM, then
     SIGKILL after 10 s. Returns the names of those it stopped."""
     state = ClusterState.load(state_dir)
     if state is None:
         return []
-    stopped = []
     # Reverse start order: clients first, etcd last.
-    for name in reversed(list(state.pids)):
-        pid = state.pids[name]
-        binary = str(Path(state.bin_dir) / _BINARIES[name])
-        if not _alive(pid, binary):
-            continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while _alive(pid, binary) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid, binary):
-            os.kill(pid, signal.SIGKILL)
-        stopped.append(name)
+    stopped = [name for name in reversed(list(state.pids))
+               if stop_process(state.pids[name], str(Path(state.bin_dir) / _BINARIES[name]))]
     state.pids = {}
     state.save()
     return stopped

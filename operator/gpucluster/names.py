@@ -47,3 +47,16 @@ LABEL_JOB_RANK = f"{GROUP}/rank"
 LABEL_JOB_ATTEMPT = f"{GROUP}/attempt"
 
 FINALIZER = f"{GROUP}/finalizer"
+
+# Karpenter (provider: karpenter): its API, the labels it and the cloud
+# write on nodes, and AWS's network topology labels (layer 1 the top of the
+# hierarchy, layer 3 the network node the instance hangs off).
+KARPENTER_GROUP = "karpenter.sh"
+KARPENTER_VERSION = "v1"
+KARPENTER_NODEPOOLS = "nodepools"
+KARPENTER_NODECLAIMS = "nodeclaims"
+LABEL_KARPENTER_NODEPOOL = f"{KARPENTER_GROUP}/nodepool"
+LABEL_INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+LABEL_AWS_NETWORK_LAYER_2 = "topology.k8s.aws/network-node-layer-2"
+LABEL_AWS_NETWORK_LAYER_3 = "topology.k8s.aws/network-node-layer-3"
+ANNOTATION_NODEPOOL_APPLIED = f"{GROUP}/applied"

@@ -57,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
                             "repeatable); TrainingClusters are cluster-scoped and always served")
     scope.add_argument("-A", "--all-namespaces", action="store_true",
                        help="serve TrainingJobs in every namespace (the default)")
-    run.add_argument("--log-format", choices=sorted(LOG_FORMATS), default="plain")
+    run.add_argument("--log-format", choices=sorted(LOG_FORMATS), default="full")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.add_argument("--metrics-port", type=int, default=8080,
                      help="Prometheus /metrics port, 0 to disable (default: %(default)s)")

@@ -52,6 +52,21 @@ class Kubectl:
     def get(self, *args: str) -> Any:
         return json.loads(self.run("get", *args, "-o", "json").stdout)
 
+    def delete_cluster(self, name: str, timeout: float = 180) -> None:
+        """Deletes a TrainingCluster and waits for the operator's finalizer
+        to let it go; on a timeout the failure shows what still holds it
+        (finalizers, Kopf's progress annotations, conditions)."""
+        self.run("delete", "tc", name, "--wait=false", "--ignore-not-found")
+
+        def gone() -> bool:
+            return self.run("get", "tc", name, "--ignore-not-found", "-o", "name").stdout.strip() == ""
+
+        try:
+            wait_for(gone, timeout=timeout, interval=1, what=f"TrainingCluster {name} to be deleted")
+        except AssertionError as err:
+            left = self.run("get", "tc", name, "-o", "json", check=False).stdout
+            raise AssertionError(f"{err}\nwhat is left of it:\n{left}") from None
+
 
 def free_port() -> int:
     with socket.socket() as s:

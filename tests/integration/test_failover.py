@@ -95,7 +95,7 @@ def test_the_standby_takes_over_within_seconds_of_a_kill(
         wait_ready(kubectl, name, 4)
         assert "Resuming operations after the pause" in standby.log_path.read_text()
     finally:
-        kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
+        kubectl.run("delete", "tc", name, "--timeout=50s", check=False)
         standby.stop()
         active.stop()
 
@@ -152,7 +152,7 @@ def test_replicas_never_write_at_once(
         scale(kubectl, name, 5)
         wait_ready(kubectl, name, 5, timeout=TAKEOVER_S + 30)
     finally:
-        kubectl.run("delete", "tc", name, "--timeout=60s", check=False)
+        kubectl.run("delete", "tc", name, "--timeout=50s", check=False)
         for replica in (a, b, c):
             replica.stop()
 

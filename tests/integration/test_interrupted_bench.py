@@ -58,7 +58,7 @@ def test_sigterm_stops_the_control_plane_and_the_operator_a_benchmark_started() 
     reader.start()
     try:
         # The table's header is printed once the cluster is up and the operator runs.
-        wait_for(lambda: any("operator nodes/s" in line for line in output), timeout=180,
+        wait_for(lambda: any("raw nodes/s" in line for line in output), timeout=180,
                  what="the benchmark to start; output so far: " + "".join(output[-20:]))
         control_plane = set(json.loads((STATE_DIR / "state.json").read_text())["pids"].values())
         started = children_of(bench.pid)

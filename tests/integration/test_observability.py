@@ -90,7 +90,7 @@ def gpu_cluster(kubectl: Kubectl, operator: OperatorProcess) -> Iterator[str]:
     wait_for(ready, timeout=90, what=f"{CLUSTER} with {total} Ready nodes")
     yield CLUSTER
     kubectl.run("delete", "tj", "-n", "default", "-l", f"obs-test={CLUSTER}", "--timeout=60s", check=False)
-    kubectl.run("delete", "tc", CLUSTER, "--timeout=90s", check=False)
+    kubectl.run("delete", "tc", CLUSTER, "--timeout=50s", check=False)
 
 
 def test_pool_figures_match_the_cluster(prometheus: PrometheusServer, gpu_cluster: str,

@@ -95,7 +95,7 @@ def test_plan_then_apply_agree_for_each_kind_of_change(kubectl: Kubectl, kubecon
         assert "spec.pools[0].remediation.maxUnavailable" in err and "150%" in err
     finally:
         kubectl.run("delete", "tj", "--all", "-n", "default", "--wait=true", "--timeout=60s")
-        kubectl.run("delete", "tc", name, "--timeout=60s")
+        kubectl.delete_cluster(name)
 
 
 def test_plan_of_jobs(kubectl: Kubectl, kubeconfig: str, tmp_path: Path,
@@ -127,4 +127,4 @@ def test_plan_of_jobs(kubectl: Kubectl, kubeconfig: str, tmp_path: Path,
         assert code == 2 and "immutable while the job is Admitted or Running" in err
     finally:
         kubectl.run("delete", "tj", "--all", "-n", "default", "--wait=true", "--timeout=60s")
-        kubectl.run("delete", "tc", name, "--timeout=60s")
+        kubectl.delete_cluster(name)

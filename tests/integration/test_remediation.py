@@ -73,7 +73,7 @@ def test_fatal_xid_quarantines_restarts_the_gang_and_replaces_the_node(
     reasons = {e["reason"] for e in events_of(kubectl, name)}
     assert {"NodeQuarantined", "NodeReplaced"} <= reasons
     kubectl.run("delete", "tj", "-n", "default", job)
-    kubectl.run("delete", "tc", name, "--timeout=60s")
+    kubectl.delete_cluster(name)
 
 
 def test_transient_fault_recovers_without_replacement(
@@ -91,7 +91,7 @@ def test_transient_fault_recovers_without_replacement(
              timeout=30, what="released after the fault cleared")
     assert kubectl.get("node", node_name)["metadata"]["uid"] == uid, "a transient fault never replaces"
     assert "NodeRecovered" in {e["reason"] for e in events_of(kubectl, name)}
-    kubectl.run("delete", "tc", name, "--timeout=60s")
+    kubectl.delete_cluster(name)
 
 
 def test_a_storm_never_takes_more_than_the_budget_out(
@@ -118,4 +118,4 @@ def test_a_storm_never_takes_more_than_the_budget_out(
     assert warnings and warnings[0]["type"] == "Warning"
     tc = kubectl.get("tc", name)
     assert len(tc["status"]["remediation"]["h100"]["waiting"]) == 2
-    kubectl.run("delete", "tc", name, "--timeout=60s")
+    kubectl.delete_cluster(name)

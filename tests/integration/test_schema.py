@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -200,6 +201,13 @@ def job_in_phase(server: Server, phase: str | None) -> str:
     name = f"job-{uuid.uuid4().hex[:5]}"
     server.create(mutated(GOOD_JOB, ("metadata", "name"), name), dry_run=False)
     if phase is not None:
+        # An operator running in the same session judges the new job once (it
+        # has no cluster: Failed); let that write land first, or it would
+        # overwrite the phase set here.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (server.custom.get_namespaced_custom_object(
+                names.GROUP, names.VERSION, server.namespace, "trainingjobs", name).get("status") or {}).get("phase"):
+            time.sleep(0.5)
         server.patch_job(name, {"status": {"phase": phase}}, status=True)
     return name
 

@@ -98,7 +98,7 @@ def test_apply_scale_up_scale_down_and_delete(kubectl: Kubectl, running_operator
     reasons = {e["reason"] for e in events_of(kubectl, name)}
     assert {"NodesCreated", "NodesDeleted"} <= reasons
 
-    kubectl.run("delete", "tc", name, "--timeout=60s")
+    kubectl.delete_cluster(name)
     assert nodes_of(kubectl, name) == []
 
 
@@ -129,7 +129,7 @@ def test_scale_down_drains_a_busy_node_and_deletes_empty_ones_first(
     wait_for(lambda: nodes_of(kubectl, name) == [], timeout=60, what="busy node drained and deleted")
     assert kubectl.run("get", "pod", pod, check=False).returncode != 0
     assert "NodesDraining" in {e["reason"] for e in events_of(kubectl, name)}
-    kubectl.run("delete", "tc", name, "--timeout=60s")
+    kubectl.delete_cluster(name)
 
 
 def test_restart_mid_scale_up_neither_loses_nor_doubles_a_node(
@@ -145,7 +145,7 @@ def test_restart_mid_scale_up_neither_loses_nor_doubles_a_node(
     wait_ready(kubectl, name, total, timeout=180)
     names = sorted(n["metadata"]["name"] for n in nodes_of(kubectl, name))
     assert names == [f"{name}-h100-{i:05d}" for i in range(total)]
-    kubectl.run("delete", "tc", name, "--timeout=120s")
+    kubectl.delete_cluster(name)
     assert nodes_of(kubectl, name) == []
 
 
@@ -159,7 +159,7 @@ def test_an_edit_during_scale_up_converges_to_the_newest_spec(
                 json.dumps([{"op": "replace", "path": "/spec/pools/0/nodes", "value": 5}]))
     wait_ready(kubectl, name, 5, timeout=180)
     assert len(nodes_of(kubectl, name)) == 5
-    kubectl.run("delete", "tc", name, "--timeout=120s")
+    kubectl.delete_cluster(name)
 
 
 def test_static_pool_adopts_and_releases_and_a_second_claim_is_degraded(
@@ -195,9 +195,9 @@ def test_static_pool_adopts_and_releases_and_a_second_claim_is_degraded(
     assert nodes_of(kubectl, rival) == [], "a conflicting claim changes nothing"
     warning = [e for e in events_of(kubectl, rival) if e["reason"] == "StaticNodesClaimed"]
     assert warning and warning[0]["type"] == "Warning"
-    kubectl.run("delete", "tc", rival, "--timeout=60s")
+    kubectl.delete_cluster(rival)
 
-    kubectl.run("delete", "tc", owner, "--timeout=60s")
+    kubectl.delete_cluster(owner)
     for machine in machines[:2]:
         node = kubectl.get("node", machine)
         assert "gpucluster.dev/cluster" not in node["metadata"]["labels"]

@@ -29,7 +29,7 @@ def gpu_cluster(kubectl: Kubectl, running_operator: OperatorProcess) -> Iterator
     wait_ready(kubectl, name, 4)
     yield name
     kubectl.run("delete", "tj", "--all", "-n", "default", "--wait=true", "--timeout=60s")
-    kubectl.run("delete", "tc", name, "--timeout=60s")
+    kubectl.delete_cluster(name)
 
 
 def training_job(name: str, cluster: str, workers: int, gpus: int = 8, **extra: Any) -> dict[str, Any]:

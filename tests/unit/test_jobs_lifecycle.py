@@ -74,11 +74,26 @@ def test_admission_inputs_count_active_gangs_evicting_leftovers_and_foreign_pods
     preempted = gang(key="ns/b", phase=Phase.QUEUED, nodes=())
     leftovers = [pod(0, job_key="ns/b", node="n2")]
     nodes, gangs, pending = admission_inputs([running, preempted], NODES.values(), leftovers,
-                                             {"h100": "H100-80GB-HBM3"}, {"n3": 2})
+                                             {"h100": "H100-80GB-HBM3"}, {"n3": 2}, now=0.0)
     assert {g.key: (dict(g.gpus_by_node), g.evicting) for g in gangs} == {
         "ns/a": ({"n0": 8}, False), "ns/b#leftover": ({"n2": 8}, True)}
     assert [p.key for p in pending] == ["ns/b"]
     assert {n.name: n.allocatable_gpus for n in nodes}["n3"] == 6
+
+
+def test_admission_inputs_carry_run_time_limits_from_the_first_admission() -> None:
+    """activeDeadlineSeconds counts from the first admission: a running gang
+    ends by then, a restarting one has only what is left, a new one all of it."""
+    running = gang(key="ns/a", nodes=("n0",), workers=1, first_admitted_at=100.0, deadline_seconds=3600)
+    restarting = gang(key="ns/r", phase=Phase.QUEUED, nodes=(), workers=1, first_admitted_at=200.0,
+                      deadline_seconds=600)
+    fresh = gang(key="ns/n", phase=Phase.QUEUED, nodes=(), workers=1, first_admitted_at=None,
+                 deadline_seconds=900)
+    unlimited = gang(key="ns/u", phase=Phase.QUEUED, nodes=(), workers=1)
+    _, gangs, pending = admission_inputs([running, restarting, fresh, unlimited], NODES.values(), [],
+                                         {"h100": "H100-80GB-HBM3"}, {}, now=500.0)
+    assert {g.key: g.ends_by for g in gangs} == {"ns/a": 3700.0}
+    assert {p.key: p.time_limit for p in pending} == {"ns/r": 300.0, "ns/n": 900.0, "ns/u": None}
 
 
 def test_admission_inputs_count_pods_of_old_attempts_finished_and_deleted_jobs() -> None:
@@ -88,7 +103,7 @@ def test_admission_inputs_count_pods_of_old_attempts_finished_and_deleted_jobs()
     pods = [pod(0, job_key="ns/a", node="n0", attempt=2), pod(0, job_key="ns/a", node="n3", attempt=1),
             pod(0, job_key="ns/f", node="n1"), pod(0, job_key="ns/gone", node="n2"),
             pod(1, job_key="ns/gone", node="n2", phase="Succeeded")]
-    _, gangs, _ = admission_inputs([running, failed], NODES.values(), pods, {"h100": "H100-80GB-HBM3"}, {})
+    _, gangs, _ = admission_inputs([running, failed], NODES.values(), pods, {"h100": "H100-80GB-HBM3"}, {}, now=0.0)
     assert {g.key: (dict(g.gpus_by_node), g.evicting) for g in gangs} == {
         "ns/a": ({"n0": 8}, False), "ns/a#leftover": ({"n3": 8}, True),
         "ns/f#leftover": ({"n1": 8}, True), "ns/gone#leftover": ({"n2": 8}, True)}

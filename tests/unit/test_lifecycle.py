@@ -219,3 +219,25 @@ def test_a_failed_job_queued_again_starts_a_new_attempt() -> None:
     again = step(job(Phase.FAILED, reason="UnknownPriorityClass"), judged(("h100", 0)), NOW)
     assert again.status["attempt"] == 2 and again.assume is not None and again.assume.attempt == 2
     assert step(job(None, pool="", nodes=(), attempt=0), judged(("h100", 0)), NOW).status["attempt"] == 0
+
+
+def test_a_head_waiting_on_limited_gangs_shows_its_start_bound_and_lets_short_jobs_backfill() -> None:
+    """The running gang's activeDeadlineSeconds ends it by 4500 s: the head
+    (4 nodes) starts by then, and a 2-node job limited to 600 s fits before
+    it on the head's reserved nodes; the job's bound goes once it is admitted."""
+    from gpucluster.planning.lifecycle import ClusterFacts, admission_cycle
+
+    facts = ClusterFacts(nodes=list(NODES.values()), pods={"ns/job": [pod(0), pod(1)]},
+                         products={"h100": "H100"}, desired_nodes={"h100": 4})
+    running = job(deadline_seconds=3600)
+    head = job(Phase.QUEUED, key="ns/big", name="big", workers=4, nodes=(), first_admitted_at=None, arrival=1.0)
+    short = job(Phase.QUEUED, key="ns/short", name="short", workers=2, nodes=(), first_admitted_at=None,
+                arrival=2.0, deadline_seconds=600)
+    cycle = admission_cycle([running, head, short], facts, NOW)
+    assert cycle.plan is not None and cycle.plan.admissions == {"ns/short": ("n2", "n3")}
+    status = {view.key: transition.status for view, transition in cycle.transitions}
+    assert status["ns/big"] == {"queuePosition": 1, "startsBy": "1970-01-01T01:15:00Z"}
+    assert status["ns/short"]["phase"] == "Admitted" and status["ns/short"]["startsBy"] is None
+    without_limit = dataclasses.replace(short, deadline_seconds=None)
+    cycle = admission_cycle([running, head, without_limit], facts, NOW)
+    assert cycle.plan is not None and cycle.plan.admissions == {}, "no limit: not on the reserved nodes"

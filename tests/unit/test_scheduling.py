@@ -66,6 +66,7 @@ def job(
     mode: TopologyMode = "preferred",
     excluded: Iterable[str] = (),
     pool: str = "h100",
+    limit: float | None = None,
 ) -> PendingJob:
     return PendingJob(
         key=key,
@@ -76,6 +77,7 @@ def job(
         pool=pool,
         topology=TopologyRequest(level, mode),
         excluded_nodes=frozenset(excluded),
+        time_limit=limit,
     )
 
 
@@ -87,8 +89,9 @@ def gang(
     admitted_at: float = 0.0,
     evicting: bool = False,
     pool: str = "h100",
+    ends_by: float | None = None,
 ) -> RunningGang:
-    return RunningGang(key, priority, pool, dict(usage), admitted_at, evicting)
+    return RunningGang(key, priority, pool, dict(usage), admitted_at, evicting, ends_by)
 
 
 def whole(*names: str) -> dict[str, int]:
@@ -347,6 +350,59 @@ CASES = [
         running=[gang("x", whole("b0r0n0", "b0r0n1", "b0r1n0", "b0r1n1", "b1r0n0"))],
         pending=[job("head", 8, 8, arrival=0), job("small", 1, 1, arrival=1)],
         positions={"head": 1, "small": 2},
+    ),
+    # --- backfill on run-time limits ------------------------------------
+    Case(
+        "a job whose limit ends it before the head starts backfills on the reservation",
+        nodes=cluster(1, 1, 4),
+        running=[gang("a", whole("b0r0n0", "b0r0n1"), ends_by=2 * HOUR)],
+        now=HOUR,
+        pending=[job("head", 4, 8, limit=HOUR), job("short", 2, 8, arrival=1, limit=HOUR / 2)],
+        reserved={"head": ("b0r0n0", "b0r0n1", "b0r0n2", "b0r0n3")},
+        admitted={"short": ("b0r0n2", "b0r0n3")},
+        positions={"head": 1},
+    ),
+    Case(
+        "a job that could outlast the head's start does not",
+        nodes=cluster(1, 1, 4),
+        running=[gang("a", whole("b0r0n0", "b0r0n1"), ends_by=2 * HOUR)],
+        now=HOUR,
+        pending=[job("head", 4, 8), job("long", 2, 8, arrival=1, limit=HOUR + 1),
+                 job("unlimited", 1, 8, arrival=2)],
+        positions={"head": 1, "long": 2, "unlimited": 3},
+    ),
+    Case(
+        "no limit-based backfill when a gang the head waits for has no limit",
+        nodes=cluster(1, 1, 4),
+        running=[gang("a", whole("b0r0n0"), ends_by=2 * HOUR), gang("b", whole("b0r0n1"))],
+        now=HOUR,
+        pending=[job("head", 4, 8), job("short", 1, 8, arrival=1, limit=60)],
+        positions={"head": 1, "short": 2},
+    ),
+    Case(
+        "the head's start is bounded by the last limit of the gangs it waits for",
+        nodes=cluster(1, 1, 4),
+        running=[
+            gang("long", whole("b0r0n0", "b0r0n1"), ends_by=10 * HOUR),
+            gang("short-1", whole("b0r0n2"), ends_by=2 * HOUR),
+            gang("short-2", whole("b0r0n3"), ends_by=3 * HOUR),
+        ],
+        now=HOUR,
+        # The fewest gangs to end is long alone (by 10 h): fill (ends by
+        # 10 h) may use short-1's node once free, but every node is busy.
+        pending=[job("head", 2, 8), job("fill", 1, 8, arrival=1, limit=9 * HOUR)],
+        reserved={"head": ("b0r0n0", "b0r0n1")},
+        positions={"head": 1, "fill": 2},
+    ),
+    Case(
+        "a backfill on the reservation ends before the head starts, at the boundary too",
+        nodes=cluster(1, 1, 2),
+        running=[gang("a", whole("b0r0n0"), ends_by=3 * HOUR)],
+        now=HOUR,
+        pending=[job("head", 2, 8), job("exact", 1, 8, arrival=1, limit=2 * HOUR)],
+        reserved={"head": ("b0r0n0", "b0r0n1")},
+        admitted={"exact": ("b0r0n1",)},
+        positions={"head": 1},
     ),
     Case(
         "a head no drain can help reserves nothing and backfill goes on",

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 NOW = 1000.0
+HOUR = 3600.0
 POOLS = ("h100", "h200")
 TOPOLOGIES = [
     TopologyRequest(None, "preferred"),
@@ -76,12 +77,19 @@ def scenarios(
     max_jobs: int = 10,
     big_head: bool = False,
     waiting_head: bool = False,
+    limits: bool = False,
 ) -> Scenario:
     """A random cluster, running gangs and queue; `big_head` adds a large
     job of top priority, which mostly has to wait, reserve or preempt, so
     that the jobs behind it exercise backfill; `waiting_head` a large job
     first in the queue that can evict nothing (no running gang has a lower
-    priority): if it does not fit, it waits for running gangs to end."""
+    priority): if it does not fit, it waits for running gangs to end;
+    `limits` gives most gangs an end and most jobs a run-time limit (whole
+    hours, so that ties happen)."""
+
+    def limit() -> float | None:
+        return draw(st.sampled_from([None, *range(1, 6)])) if limits else None
+
     nodes: list[NodeSnapshot] = []
     pools = POOLS[: draw(st.integers(1, 2))]
     for pool in pools:
@@ -127,6 +135,7 @@ def scenarios(
                     gpus_by_node=usage,
                     admitted_at=draw(st.floats(0, NOW)),
                     evicting=draw(st.sampled_from([False] * 5 + [True])),
+                    ends_by=None if (hours := limit()) is None else NOW + hours * HOUR,
                 )
             )
     pending = [
@@ -141,6 +150,7 @@ def scenarios(
             excluded_nodes=frozenset(
                 draw(st.lists(st.sampled_from([n.name for n in nodes]), max_size=2))
             ),
+            time_limit=None if (hours := limit()) is None else hours * HOUR,
         )
         for number in range(draw(st.integers(1, max_jobs)))
     ]
@@ -339,10 +349,12 @@ def test_a_waiting_job_does_not_fit_what_is_left(scenario: Scenario) -> None:
 @PROPERTY
 @given(st.one_of(scenarios(), scenarios(big_head=True)))
 def test_backfill_never_delays_the_head(scenario: Scenario) -> None:
-    """Nothing after the head lands on its reservation, and the head fits
-    on its reserved nodes once the gangs on them are gone."""
+    """Without run-time limits nothing after the head lands on its
+    reservation, and the head fits on its reserved nodes once the gangs on
+    them are gone."""
     plan = scenario.plan
     assert set(plan.reservations) <= {k for k, p in plan.queue_positions.items() if p == 1}
+    assert not plan.starts_by
     order = {job.key: job.queue_key for job in scenario.pending}
     by_name = {node.name: node for node in scenario.nodes}
     for head_key, reserved in plan.reservations.items():
@@ -444,11 +456,17 @@ def shares_a_node(usages: list[Mapping[str, int]]) -> bool:
 
 
 @st.composite
-def waits_for_several_gangs(draw: st.DrawFn) -> Scenario:
+def waits_for_several_gangs(draw: st.DrawFn, limits: bool = False) -> Scenario:
     """One pool of 8-GPU nodes, each idle or held by one of a few gangs of
     the head's priority, a head of 8-GPU workers first in the queue, and
     small jobs behind it: a head that mostly waits for two gangs or more,
-    no two of them on one node."""
+    no two of them on one node. `limits`: every gang ends within hours, most
+    jobs behind have limits of whole hours, and there are more of them."""
+
+    def hours(always: bool = False) -> float | None:
+        drawn = draw(st.sampled_from([*([] if always else [None]), *range(1, 6)])) if limits else None
+        return None if drawn is None else drawn * HOUR
+
     blocks, racks, per_rack = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     nodes = [
         NodeSnapshot(f"b{block}r{rack}n{index}", "h100", "H100", 8, f"b{block}", f"r{rack}")
@@ -467,15 +485,18 @@ def waits_for_several_gangs(draw: st.DrawFn) -> Scenario:
         }
         evicting = draw(st.sampled_from([False] * 5 + [True]))
         admitted_at = draw(st.floats(0, NOW))
-        running.append(RunningGang(f"run/{number}", 0, "h100", usage, admitted_at, evicting))
+        ends_in = hours(always=True)
+        running.append(RunningGang(f"run/{number}", 0, "h100", usage, admitted_at, evicting,
+                                   None if ends_in is None else NOW + ends_in))
     topology = draw(st.sampled_from(TOPOLOGIES))
     room = {"rack": per_rack, "block": racks * per_rack, None: len(nodes)}
     most = room[topology.required_level]
     workers = draw(st.integers(max(1, most // 2), most))
     head = PendingJob("job/head", 0, -1, workers, 8, "h100", topology)
     behind = [
-        PendingJob(f"job/{number}", 0, number, 1, draw(st.sampled_from([8, 4, 1])), "h100")
-        for number in range(draw(st.integers(0, 3)))
+        PendingJob(f"job/{number}", 0, number, draw(st.integers(1, 3)),
+                   draw(st.sampled_from([8, 4, 1])), "h100", time_limit=hours())
+        for number in range(draw(st.integers(0, 8 if limits else 3)))
     ]
     return Scenario(nodes, running, [head, *behind])
 
@@ -535,3 +556,37 @@ def test_a_waiting_head_reserves_where_the_fewest_gangs_must_end(scenario: Scena
         assert for_reservation >= fewest
         if fewest <= 1 or not shares_a_node(candidates):
             assert for_reservation == fewest
+
+
+@PROPERTY
+@given(st.one_of(scenarios(limits=True), scenarios(big_head=True, limits=True),
+                 waits_for_several_gangs(limits=True)))
+def test_backfill_on_limits_ends_before_the_head_starts(scenario: Scenario) -> None:
+    """A job behind the head lands on its reserved nodes only when the head
+    has a bounded start and the job's limit ends it by then; at that time
+    the head fits on its reserved nodes, whatever was admitted this cycle:
+    every gang, evicting or not, running or admitted, without an end by
+    then still holds its GPUs."""
+    plan = scenario.plan
+    assert set(plan.starts_by) <= set(plan.reservations)
+    by_name = {node.name: node for node in scenario.nodes}
+    admitted = dict(zip(plan.admissions, scenario.admitted_usage(), strict=True))
+    for head_key, reserved in plan.reservations.items():
+        head = scenario.jobs[head_key]
+        starts_by = plan.starts_by.get(head_key)
+        for key, usage in admitted.items():
+            job = scenario.jobs[key]
+            if job.pool == head.pool and job.queue_key > head.queue_key and set(usage) & set(reserved):
+                assert starts_by is not None and job.time_limit is not None
+                assert NOW + job.time_limit <= starts_by
+        if starts_by is None:
+            continue
+        still_held = [
+            *(g.gpus_by_node for g in scenario.running
+              if not g.evicting and (g.ends_by is None or g.ends_by > starts_by)),
+            *(usage for key, usage in admitted.items()
+              if scenario.jobs[key].time_limit is None
+              or NOW + scenario.jobs[key].time_limit > starts_by),  # type: ignore[operator]
+        ]
+        free_then = free_gpus(scenario.nodes, still_held)
+        assert fits_on(head, [by_name[name] for name in reserved], free_then)

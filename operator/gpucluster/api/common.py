@@ -16,6 +16,9 @@ MAX_NAME = 63
 MAX_QUALIFIED_NAME = MAX_PREFIX + 1 + MAX_NAME
 _NAME = f"[A-Za-z0-9]([-A-Za-z0-9_.]{{0,{MAX_NAME - 2}}}[A-Za-z0-9])?"
 _DNS_SUBDOMAIN = "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+DNS_SUBDOMAIN_PATTERN = f"^{_DNS_SUBDOMAIN}$"
+# A label value that is not empty (an instance type name, say).
+NONEMPTY_LABEL_VALUE_PATTERN = f"^{_NAME}$"
 QUALIFIED_NAME_FIX = (
     f"use an optional DNS-subdomain prefix of at most {MAX_PREFIX} characters and '/', then a name of at "
     f"most {MAX_NAME} characters: letters, digits, '-', '_' or '.', beginning and ending with a letter or "

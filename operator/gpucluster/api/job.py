@@ -120,6 +120,10 @@ class TrainingJobStatus(CamelModel):
     priority: int = Field(default=0, description="The effective priority, from spec.priority or the PriorityClass.")
     queuePosition: int = Field(default=0,
         description="Position among the pool's waiting jobs (1 is next); 0 when not waiting.")
+    startsBy: str | None = Field(default=None,
+        description="For the head of its queue, waiting for running gangs that all have "
+                    "spec.activeDeadlineSeconds: when it starts at the latest (RFC 3339). Jobs whose "
+                    "limits end them by then may backfill onto its reserved nodes.")
     attempt: int = Field(default=0, description="The current gang attempt; pods carry it in their names.")
     restarts: int = Field(default=0, description="Gang restarts so far.")
     nodes: list[str] = Field(default_factory=list, description="Node of each rank, rank 0 first.")

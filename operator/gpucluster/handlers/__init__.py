@@ -1,3 +1,3 @@
 """Kopf handlers; importing this package registers all of them."""
 
-from . import cluster, indexes, jobs, remediation, state  # noqa: F401
+from . import cluster, indexes, jobs, karpenter, remediation, state  # noqa: F401

@@ -11,7 +11,7 @@ status.remediation, and the reconcile only reads it (for Degraded).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -19,12 +19,14 @@ import pydantic
 
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
+from gpucluster.handlers import karpenter as karpenter_pools
 from gpucluster.handlers.indexes import owned_nodes
 from gpucluster.handlers.state import OperatorState, state_of
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, core, custom
 from gpucluster.kube.clusters import read_cluster
 from gpucluster.planning.conditions import ConditionUpdate, merge_conditions
+from gpucluster.planning.karpenter import ObservedClaim
 from gpucluster.planning.pools import (
     ObservedNode,
     PoolCounts,
@@ -126,34 +128,44 @@ class _SpecChanged(Exception):
     """The spec changed during a scale-up: plan again from the newest one."""
 
 
-async def _let_go(selector: str) -> tuple[list[str], list[str]]:
-    """Deletes the kwok nodes matching the selector and releases the adopted
-    ones. Returns (deleted, released)."""
+async def _let_go(body: Any, selector: str, claims: Sequence[ObservedClaim],
+                  ) -> tuple[list[str], list[str], list[str]]:
+    """Deletes the kwok nodes matching the selector, releases the adopted
+    ones, and lets Karpenter remove the karpenter ones (`claims`: those
+    NodeClaims of theirs still there). Returns (deleted, released, karpenter
+    nodes still to go)."""
     found = await call(core().list_node, label_selector=selector)
-    kwok = [str(n.metadata.name) for n in found.items
-            if (n.metadata.labels or {}).get(names.LABEL_PROVIDER) == PoolProvider.KWOK]
-    static = [str(n.metadata.name) for n in found.items if str(n.metadata.name) not in kwok]
+    by_provider: dict[str, list[str]] = {}
+    for n in found.items:
+        by_provider.setdefault((n.metadata.labels or {}).get(names.LABEL_PROVIDER, ""), []).append(
+            str(n.metadata.name))
+    kwok, karpenter = by_provider.pop(PoolProvider.KWOK, []), by_provider.pop(PoolProvider.KARPENTER, [])
+    static = [name for names_ in by_provider.values() for name in names_]
     errors = await kube_nodes.delete_nodes(kwok)
     for node in static:
         await kube_nodes.release_node(node)
+    karpenter = await karpenter_pools.let_go(body, selector, karpenter, claims)
     if errors:
         raise kopf.TemporaryError(f"{len(errors)} node deletions failed: {errors[:3]}", delay=5)
-    return kwok, static
+    return kwok, static, karpenter
 
 
 async def _remove_orphans(body: Any, owned: dict[str, list[ObservedNode]],
-                          pools: dict[str, api.NodePool]) -> None:
-    """Nodes of pools that left the spec: kwok ones are deleted, adopted ones released."""
+                          pools: dict[str, api.NodePool], claims: dict[str, list[ObservedClaim]]) -> None:
+    """Nodes of pools that left the spec: kwok ones are deleted, adopted ones
+    released, karpenter ones left to Karpenter."""
     for pool_name in owned.keys() - pools.keys():
-        deleted, released = await _let_go(
-            f"{names.LABEL_CLUSTER}={body['metadata']['name']},{names.LABEL_POOL}={pool_name}")
-        kopf.info(body, reason="PoolRemoved",
-                  message=f"pool {pool_name} left the spec: deleted {len(deleted)} nodes, "
-                          f"released {len(released)}")
+        deleted, released, _ = await _let_go(
+            body, f"{names.LABEL_CLUSTER}={body['metadata']['name']},{names.LABEL_POOL}={pool_name}",
+            claims.get(pool_name, []))
+        if deleted or released:
+            kopf.info(body, reason="PoolRemoved",
+                      message=f"pool {pool_name} left the spec: deleted {len(deleted)} nodes, "
+                              f"released {len(released)}")
 
 
-def _status(body: Any, spec: api.TrainingClusterSpec,
-            counts: dict[str, PoolCounts], degraded: ConditionUpdate | None) -> dict[str, Any]:
+def _status(body: Any, spec: api.TrainingClusterSpec, counts: dict[str, PoolCounts],
+            degraded: ConditionUpdate | None, karpenter: karpenter_pools.KarpenterPass) -> dict[str, Any]:
     ready = sum(c.ready_nodes for c in counts.values())
     desired = sum(c.desired_nodes for c in counts.values())
     healthy_nodes = sum(c.healthy_nodes for c in counts.values())
@@ -176,12 +188,14 @@ def _status(body: Any, spec: api.TrainingClusterSpec,
                               nodes=c.nodes, readyNodes=c.ready_nodes,
                               healthyNodes=c.healthy_nodes, desiredGPUs=c.desired_gpus,
                               readyGPUs=c.ready_gpus, healthyGPUs=c.healthy_gpus,
-                              quarantinedNodes=c.quarantined_nodes)
+                              quarantinedNodes=c.quarantined_nodes,
+                              provisioning=karpenter.provisioning.get(p.name))
                for p in spec.pools for c in [counts[p.name]]],
         nodes=f"{ready}/{desired}",
         readyGPUs=sum(c.ready_gpus for c in counts.values()),
         healthyGPUs=sum(c.healthy_gpus for c in counts.values()),
         poolNames=",".join(p.name for p in spec.pools),
+        provisioning=karpenter.summary,
         conditions=[],
     ).model_dump(exclude={"remediation"})
     status["conditions"] = merge_conditions(previous, updates, rfc3339(), status["observedGeneration"])
@@ -231,13 +245,14 @@ async def _write_status(name: str, body: Any, status: dict[str, Any]) -> None:
 
 
 async def reconcile(state: OperatorState, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                    pods_by_node: kopf.Index[str, str], logger: Any) -> None:
+                    pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                    logger: Any) -> None:
     async with state.reconcile_lock(name):
         started = time.monotonic()
         try:
             while True:
                 try:
-                    await _reconcile_once(name, nodes_by_cluster, pods_by_node, logger)
+                    await _reconcile_once(name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
                     break
                 except _SpecChanged:
                     logger.info("spec changed during scale-up; planning again from the newest")
@@ -250,7 +265,8 @@ async def reconcile(state: OperatorState, name: str, nodes_by_cluster: kopf.Inde
 
 
 async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                          pods_by_node: kopf.Index[str, str], logger: Any) -> None:
+                          pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          logger: Any) -> None:
     body = await read_cluster(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
@@ -269,11 +285,14 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
     owned = owned_nodes(nodes_by_cluster, pods_by_node, name)
     plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
     for pool in spec.pools:
+        if pool.provider == api.Provider.KARPENTER:
+            continue  # Karpenter makes the nodes: handlers/karpenter.py steps the pool
         shape = shape_of(name, pool)
         candidates = await _static_candidates(pool) if pool.provider == api.Provider.STATIC else []
         plans[pool.name] = (shape, plan_pool(shape, owned.get(pool.name, []), candidates))
     conflicts = {p: plan.conflicts for p, (_, plan) in plans.items() if plan.conflicts}
     degraded = None
+    karpenter = karpenter_pools.KarpenterPass()
     if conflicts:
         message = "; ".join(
             f"pool {p}: nodes {_names_summary(c)} already belong to another TrainingCluster; "
@@ -281,10 +300,13 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         degraded = ConditionUpdate("Degraded", True, "StaticNodesClaimed", message)
         kopf.warn(body, reason="StaticNodesClaimed", message=message + " (nothing was changed)")
     else:
-        await _remove_orphans(body, owned, pools)
-        errors: list[str] = []
-        for pool in spec.pools:
-            shape, plan = plans[pool.name]
+        claims = karpenter_pools.claims_of(claims_by_cluster, name)
+        await _remove_orphans(body, owned, pools, claims)
+        karpenter = await karpenter_pools.reconcile_pools(
+            body, [(shape_of(name, p), p) for p in spec.pools], owned, claims)
+        errors = list(karpenter.errors)
+        for shape, plan in plans.values():
+            pool = pools[shape.name]
             if not plan.empty:
                 draining = {n.name for n in owned.get(pool.name, []) if n.draining}
                 errors += await _apply(body, shape, pool, plan, draining)
@@ -295,7 +317,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
         degraded = _budget_exhausted(body, spec)
     counts = {p.name: count_pool(shape_of(name, p), owned.get(p.name, [])) for p in spec.pools}
     _export_metrics(name, spec, counts)
-    await _write_status(name, body, _status(body, spec, counts, degraded))
+    await _write_status(name, body, _status(body, spec, counts, degraded, karpenter))
 
 
 # Kopf passes its indexes as keyword arguments its handler protocols do not
@@ -304,20 +326,28 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
 @kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")  # type: ignore[arg-type]
 async def cluster_changed(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                          pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
-    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, logger)
+                          pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          logger: Any, **_: Any) -> None:
+    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
 
 
 @kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,  # type: ignore[arg-type]
             initial_delay=RESYNC_INTERVAL_S)
 async def cluster_resync(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                         pods_by_node: kopf.Index[str, str], logger: Any, **_: Any) -> None:
-    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, logger)
+                         pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                         logger: Any, **_: Any) -> None:
+    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
 
 
-@kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)
-async def cluster_deleted(*, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    """Deletes the nodes the cluster created and releases those it adopted."""
-    deleted, released = await _let_go(f"{names.LABEL_CLUSTER}={name}")
+@kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)  # type: ignore[arg-type]
+async def cluster_deleted(*, name: str, body: Any, memo: Any, claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          logger: Any, **_: Any) -> None:
+    """Deletes the nodes the cluster created and releases those it adopted;
+    waits for Karpenter to remove the nodes of karpenter pools."""
+    deleted, released, karpenter = await _let_go(body, f"{names.LABEL_CLUSTER}={name}",
+                                                 list(claims_by_cluster.get(name, [])))
     logger.info(f"deleted {len(deleted)} nodes, released {len(released)}")
+    if karpenter:
+        raise kopf.TemporaryError(f"deleted the NodePools; waiting for Karpenter to remove {len(karpenter)} "
+                                  f"nodes ({_names_summary(karpenter)})", delay=5)
     state_of(memo).reconcile_locks.pop(name, None)

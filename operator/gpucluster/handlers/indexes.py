@@ -11,6 +11,7 @@ import kopf
 
 from gpucluster import names
 from gpucluster.kube.nodes import ANNOTATION_DRAINING, ANNOTATION_QUARANTINE, LABEL_ORDINAL
+from gpucluster.planning.karpenter import provider_topology
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.timestamps import epoch
 
@@ -37,7 +38,7 @@ def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: An
     return ObservedNode(
         name=name,
         pool=labels.get(names.LABEL_POOL, ""),
-        ordinal=int(labels.get(LABEL_ORDINAL, "0") or 0),
+        ordinal=int(labels.get(LABEL_ORDINAL, "-1") or -1),
         ready=ready,
         gpu_healthy=not gpu_fault and not any(t.get("key") == names.TAINT_GPU_ERROR for t in taints),
         gpu_fault=gpu_condition.get("reason", "") if gpu_fault else "",
@@ -49,6 +50,7 @@ def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: An
         gpus=int(allocatable.get(names.GPU_RESOURCE, labels.get(names.LABEL_GPU_COUNT, "0"))),
         block=labels.get(names.LABEL_BLOCK, ""),
         rack=labels.get(names.LABEL_RACK, ""),
+        provider_topology=provider_topology(labels),
     )
 
 

@@ -77,6 +77,7 @@ def job_view(namespace: str, name: str, uid: str, meta: Any, spec: Any, status: 
         first_admitted_at=_epoch(status.get("firstAdmittedAt")),
         deadline_seconds=spec.get("activeDeadlineSeconds"),
         queue_position=int(status.get("queuePosition", 0)),
+        starts_by=status.get("startsBy") or "",
         workers_ready=status.get("workersReady", ""),
         reason=status.get("reason", ""), message=status.get("message", ""),
         queued_at=_epoch(status.get("queuedAt")),

@@ -26,6 +26,7 @@ import pydantic
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
+from gpucluster.handlers.karpenter import REPLACEABLE, replace_node
 from gpucluster.handlers.state import ClusterRemediation, PoolRemediation, state_of
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, custom, status_of
@@ -93,7 +94,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
     healths, memory.unseen = overlay_unseen_writes([health_of(n) for n in owned], memory.unseen, now,
                                                    UNSEEN_WRITE_TTL_S)
     plan = plan_remediation(healths, pool.nodes, budget_of(pool), recent, now,
-                            can_replace=pool.provider == api.Provider.KWOK)
+                            can_replace=pool.provider in REPLACEABLE)
     quarantine_writes = dict(memory.unseen.quarantine)
     deletes = dict(memory.unseen.deleted)
     labels = (cluster, pool.name)
@@ -118,7 +119,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
                               f"{remaining} pods asked to leave through the Eviction API")
 
     async def replace(name: str) -> None:
-        await kube_nodes.delete_nodes([name])
+        await replace_node(cluster, pool, name)
         deletes[name] = time.time()
         metrics.remediations_total.labels(*labels, "replace", by_name[name].gpu_fault).inc()
         kopf.info(body, reason="NodeReplaced",

@@ -48,7 +48,8 @@ class RunningGang:
     `evicting` marks a gang already chosen as a preemption victim whose pods
     are still terminating: its GPUs are not free yet (nobody may be placed on
     them), but a waiting preemptor counts on them instead of picking new
-    victims every cycle.
+    victims every cycle. `ends_by` is when the gang ends at the latest (its
+    run-time limit, on the clock of `admitted_at`), None when it has none.
     """
 
     key: str
@@ -57,6 +58,7 @@ class RunningGang:
     gpus_by_node: Mapping[str, int]
     admitted_at: float
     evicting: bool = False
+    ends_by: float | None = None
 
     @property
     def gpus(self) -> int:
@@ -98,7 +100,9 @@ class PendingJob:
 
     Queue order is priority (highest first), then `arrival` (earliest first),
     then `key`. `excluded_nodes` are nodes a gang restart must avoid (the
-    nodes its failed ranks ran on).
+    nodes its failed ranks ran on). `time_limit` is how long it runs at most
+    if admitted now (what is left of its run-time limit), None when it has
+    no limit: only a job with one may backfill onto a waiting head's nodes.
     """
 
     key: str
@@ -109,6 +113,7 @@ class PendingJob:
     pool: str
     topology: TopologyRequest = field(default_factory=TopologyRequest)
     excluded_nodes: frozenset[str] = frozenset()
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:

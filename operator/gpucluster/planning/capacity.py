@@ -8,9 +8,15 @@ nodes holds W workers of g GPUs exactly when the sum over the nodes of
 floor(capacity / g) -- the *slots* for that worker size -- is at least W.
 The index keeps, per worker size asked for, the slots of every rack and block
 in sorted lists (the tightest fit is one bisection away, the largest the end
-of the list) and, per rack and pool-wide, the nodes sorted by capacity. Taking, releasing
-or masking GPUs on a node updates those lists in place: a few bisections and
-memmoves, never a scan of the pool.
+of the list), per rack the nodes sorted by capacity, and pool-wide the nodes
+with room, by free GPUs. Taking, releasing or masking GPUs on nodes updates
+those lists in place.
+
+Cost. Building the index: one sort of the nodes and one pass over them. A
+worker size's view, on first use: one pass over the racks and a sort of the
+racks and of the blocks. Taking, releasing or masking GPUs on a set of nodes:
+a few bisections and memmoves per node, and per worker size viewed, per rack
+and block touched (not per node), never a scan of the pool.
 
 Every sorted entry is a `SortKey` (amount, preference, position): amount is
 slots for racks and blocks and GPUs for nodes (slots of a node are monotone
@@ -31,7 +37,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from operator import attrgetter
 
 from gpucluster.planning.admission_snapshot import NodeSnapshot, RunningGang, TopologyLevel
 
@@ -41,11 +48,15 @@ Domain = tuple[TopologyLevel | None, int]
 POOL: Domain = (None, 0)
 
 
+_topology_order = attrgetter("block", "rack", "name")
+
+
 class IndexedNode:
     """A node in the index; `masks` > 0 hides its capacity (excluded for the
-    job being placed, or reserved for a blocked head)."""
+    job being placed, or reserved for a blocked head). `free` is the
+    capacity the index holds it at."""
 
-    __slots__ = ("masks", "position", "rack", "snapshot", "used")
+    __slots__ = ("free", "masks", "position", "rack", "snapshot", "used")
 
     def __init__(self, snapshot: NodeSnapshot, position: int, rack: Rack, used: int) -> None:
         self.snapshot = snapshot
@@ -53,6 +64,7 @@ class IndexedNode:
         self.rack = rack
         self.used = used
         self.masks = 0
+        self.free = max(0, snapshot.allocatable_gpus - used)
 
     @property
     def name(self) -> str:
@@ -82,6 +94,7 @@ class Rack:
         return sum(
             count * (capacity // worker_gpus)
             for capacity, count in enumerate(self.nodes_by_capacity)
+            if count
         )
 
 
@@ -104,36 +117,38 @@ class WorkerSizeView:
     def __init__(self, worker_gpus: int, racks: list[Rack], blocks: list[Block]) -> None:
         self.worker_gpus = worker_gpus
         self.rack_slots = [rack.slots(worker_gpus) for rack in racks]
-        self.block_slots = [
-            sum(self.rack_slots[rack.position] for rack in block.racks) for block in blocks
+        rack_keys = [
+            (slots, rack.preference, rack.position)
+            for slots, rack in zip(self.rack_slots, racks, strict=True)
         ]
-        self.racks_by_block: list[list[SortKey]] = [
-            sorted(self._rack_key(rack) for rack in block.racks) for block in blocks
-        ]
-        self.racks: list[SortKey] = sorted(self._rack_key(rack) for rack in racks)
+        self.racks_by_block: list[list[SortKey]] = []
+        self.block_slots: list[int] = []
+        for block in blocks:
+            keys = sorted(rack_keys[rack.position] for rack in block.racks)
+            self.racks_by_block.append(keys)
+            self.block_slots.append(sum(key[0] for key in keys))
+        self.racks: list[SortKey] = sorted(rack_keys)
         self.blocks: list[SortKey] = sorted(
             (self.block_slots[block.position], block.preference, block.position)
             for block in blocks
         )
         self.total = sum(self.block_slots)
 
-    def _rack_key(self, rack: Rack) -> SortKey:
-        return (self.rack_slots[rack.position], rack.preference, rack.position)
+    def move_rack(self, rack: Rack, old_preference: int, slot_change: int) -> None:
+        """Re-sort `rack` after some of its nodes changed (its block's slots
+        follow in `move_block`)."""
+        position = rack.position
+        old_key = (self.rack_slots[position], old_preference, position)
+        self.rack_slots[position] += slot_change
+        new_key = (self.rack_slots[position], rack.preference, position)
+        _replace(self.racks_by_block[rack.block.position], old_key, new_key)
+        _replace(self.racks, old_key, new_key)
 
-    def move(
-        self, rack: Rack, old_rack_preference: int, old_block_preference: int, slot_change: int
-    ) -> None:
-        """Re-sort `rack` and its block after one of their nodes changed."""
-        block = rack.block
-        old_rack_key = (self.rack_slots[rack.position], old_rack_preference, rack.position)
-        self.rack_slots[rack.position] += slot_change
-        new_rack_key = self._rack_key(rack)
-        _replace(self.racks_by_block[block.position], old_rack_key, new_rack_key)
-        _replace(self.racks, old_rack_key, new_rack_key)
-        old_block_key = (self.block_slots[block.position], old_block_preference, block.position)
-        self.block_slots[block.position] += slot_change
-        new_block_key = (self.block_slots[block.position], block.preference, block.position)
-        _replace(self.blocks, old_block_key, new_block_key)
+    def move_block(self, block: Block, old_preference: int, slot_change: int) -> None:
+        position = block.position
+        old_key = (self.block_slots[position], old_preference, position)
+        self.block_slots[position] += slot_change
+        _replace(self.blocks, old_key, (self.block_slots[position], block.preference, position))
         self.total += slot_change
 
 
@@ -146,47 +161,64 @@ class CapacityIndex:
     """
 
     def __init__(self, nodes: Iterable[NodeSnapshot], used: Mapping[str, int]) -> None:
-        ordered = sorted(nodes, key=lambda node: (node.block, node.rack, node.name))
+        ordered = sorted(nodes, key=_topology_order)
         max_capacity = max((node.allocatable_gpus for node in ordered), default=0)
         self.nodes: list[IndexedNode] = []
-        # Every node's key, pool-wide: the tightest single node for a small gang.
-        self.node_keys: list[SortKey] = []
+        # Pool-wide, the positions of the nodes with each free capacity, in
+        # name order: the tightest single node for a small gang. Nodes with
+        # no room are left out; no gang asks for them, and most of a busy
+        # pool's nodes have none.
+        self._positions_by_free: list[list[int]] = [[] for _ in range(max_capacity + 1)]
         self.racks: list[Rack] = []
         self.blocks: list[Block] = []
         self._by_name: dict[str, IndexedNode] = {}
         self._views: dict[int, WorkerSizeView] = {}
+        block: Block | None = None
+        rack: Rack | None = None
         for snapshot in ordered:
-            if not self.blocks or self.blocks[-1].label != snapshot.block:
-                self.blocks.append(Block(snapshot.block, len(self.blocks)))
-            block = self.blocks[-1]
-            if not block.racks or block.racks[-1].label != snapshot.rack:
+            if block is None or block.label != snapshot.block:
+                block = Block(snapshot.block, len(self.blocks))
+                self.blocks.append(block)
+                rack = None
+            if rack is None or rack.label != snapshot.rack:
                 rack = Rack(block, snapshot.rack, len(self.racks), max_capacity)
                 block.racks.append(rack)
                 self.racks.append(rack)
-            rack = block.racks[-1]
-            node = IndexedNode(snapshot, len(self.nodes), rack, used.get(snapshot.name, 0))
+            position = len(self.nodes)
+            node = IndexedNode(snapshot, position, rack, used.get(snapshot.name, 0))
             self.nodes.append(node)
             self._by_name[snapshot.name] = node
-            capacity, preference = self._measure(node)
-            rack.node_keys.append((capacity, preference, node.position))
-            self.node_keys.append((capacity, preference, node.position))
-            rack.nodes_by_capacity[capacity] += 1
-            rack.preference += preference
-            block.preference += preference
+            free = node.free
+            rack.node_keys.append((free, free, position))
+            rack.nodes_by_capacity[free] += 1
+            rack.preference += free
+            if free:
+                self._positions_by_free[free].append(position)
         for rack in self.racks:
             rack.node_keys.sort()
-        self.node_keys.sort()
-
-    def domain_nodes(self, domain: Domain) -> list[IndexedNode]:
-        """The nodes of a rack, of a block or of the pool, in topology order."""
-        level, position = domain
-        if level is None:
-            return self.nodes
-        racks = [self.racks[position]] if level == "rack" else self.blocks[position].racks
-        return [self.nodes[key[2]] for rack in racks for key in rack.node_keys]
+            rack.block.preference += rack.preference
 
     def node(self, name: str) -> IndexedNode | None:
         return self._by_name.get(name)
+
+    def tightest_capacity(self, gpus: int) -> int | None:
+        """The fewest free GPUs, at least `gpus`, that some node has."""
+        for capacity in range(gpus, len(self._positions_by_free)):
+            if self._positions_by_free[capacity]:
+                return capacity
+        return None
+
+    def first_with_capacity(self, capacity: int) -> IndexedNode:
+        """The first node, in name order, with exactly `capacity` free GPUs
+        (some node has them: see `tightest_capacity`)."""
+        return self.nodes[self._positions_by_free[capacity][0]]
+
+    def nodes_with_room(self, gpus: int) -> Iterator[IndexedNode]:
+        """The nodes with at least `gpus` free GPUs, fewest free first, then
+        in name order."""
+        for positions in self._positions_by_free[max(1, gpus):]:
+            for position in positions:
+                yield self.nodes[position]
 
     def view(self, worker_gpus: int) -> WorkerSizeView:
         """Slots per rack and block for this worker size, built on first use
@@ -204,54 +236,66 @@ class CapacityIndex:
         return max(0, node.snapshot.allocatable_gpus - (node.used - released))
 
     def take(self, gpus_by_node: Mapping[str, int]) -> None:
-        for name, gpus in gpus_by_node.items():
-            node = self._by_name.get(name)
-            if node is not None:
-                self._change(node, used_change=gpus)
+        self._change(
+            (node, gpus, 0)
+            for node, gpus in ((self._by_name.get(name), gpus) for name, gpus in gpus_by_node.items())
+            if node is not None
+        )
 
     def release(self, gpus_by_node: Mapping[str, int]) -> None:
         self.take({name: -gpus for name, gpus in gpus_by_node.items()})
 
     def mask(self, names: Iterable[str]) -> None:
-        for name in names:
-            node = self._by_name.get(name)
-            if node is not None:
-                self._change(node, mask_change=1)
+        self._change((node, 0, 1) for node in map(self._by_name.get, names) if node is not None)
 
     def unmask(self, names: Iterable[str]) -> None:
-        for name in names:
-            node = self._by_name.get(name)
-            if node is not None:
-                self._change(node, mask_change=-1)
+        self._change((node, 0, -1) for node in map(self._by_name.get, names) if node is not None)
 
-    def _measure(self, node: IndexedNode) -> tuple[int, int]:
-        """(capacity, preference) of a node: its free GPUs, twice."""
-        free = 0 if node.masks else max(0, node.snapshot.allocatable_gpus - node.used)
-        return free, free
-
-    def _change(self, node: IndexedNode, used_change: int = 0, mask_change: int = 0) -> None:
-        old_capacity, old_preference = self._measure(node)
-        node.used += used_change
-        node.masks += mask_change
-        new_capacity, new_preference = self._measure(node)
-        if (old_capacity, old_preference) == (new_capacity, new_preference):
+    def _change(self, changes: Iterable[tuple[IndexedNode, int, int]]) -> None:
+        """Apply (node, used change, mask change) for several nodes, then
+        re-sort each rack and block they touched once, not once per node:
+        a gang on 64 nodes of 16 racks moves 16 racks per worker size."""
+        # Per rack touched: its preference before, and each node's
+        # (old, new) capacity.
+        touched: dict[Rack, tuple[int, list[tuple[int, int]]]] = {}
+        for node, used_change, mask_change in changes:
+            old = node.free
+            node.used += used_change
+            node.masks += mask_change
+            new = 0 if node.masks else max(0, node.snapshot.allocatable_gpus - node.used)
+            if new == old:
+                continue
+            node.free = new
+            rack = node.rack
+            if rack not in touched:
+                touched[rack] = (rack.preference, [])
+            touched[rack][1].append((old, new))
+            position = node.position
+            _replace(rack.node_keys, (old, old, position), (new, new, position))
+            if old:
+                positions = self._positions_by_free[old]
+                del positions[bisect_left(positions, position)]
+            if new:
+                insort(self._positions_by_free[new], position)
+            rack.nodes_by_capacity[old] -= 1
+            rack.nodes_by_capacity[new] += 1
+            rack.preference += new - old
+        if not touched:
             return
-        rack = node.rack
-        block = rack.block
-        old_key = (old_capacity, old_preference, node.position)
-        new_key = (new_capacity, new_preference, node.position)
-        _replace(rack.node_keys, old_key, new_key)
-        _replace(self.node_keys, old_key, new_key)
-        rack.nodes_by_capacity[old_capacity] -= 1
-        rack.nodes_by_capacity[new_capacity] += 1
-        old_rack_preference = rack.preference
-        old_block_preference = block.preference
-        rack.preference += new_preference - old_preference
-        block.preference += new_preference - old_preference
+        old_block_preferences: dict[Block, int] = {}
+        for rack, (old_rack_preference, _) in touched.items():
+            block = rack.block
+            old_block_preferences.setdefault(block, block.preference)
+            block.preference += rack.preference - old_rack_preference
         for view in self._views.values():
             gpus = view.worker_gpus
-            slot_change = new_capacity // gpus - old_capacity // gpus
-            view.move(rack, old_rack_preference, old_block_preference, slot_change)
+            block_changes = dict.fromkeys(old_block_preferences, 0)
+            for rack, (old_rack_preference, capacities) in touched.items():
+                slot_change = sum(new // gpus - old // gpus for old, new in capacities)
+                view.move_rack(rack, old_rack_preference, slot_change)
+                block_changes[rack.block] += slot_change
+            for block, slot_change in block_changes.items():
+                view.move_block(block, old_block_preferences[block], slot_change)
 
 
 def _replace(keys: list[SortKey], old: SortKey, new: SortKey) -> None:
@@ -264,29 +308,50 @@ def _replace(keys: list[SortKey], old: SortKey, new: SortKey) -> None:
 class ReleasedSlots:
     """Slots per rack, block and pool for one worker size as they would be
     with some gangs' GPUs released, computed beside the index without
-    changing it: trying hundreds of gangs stays cheap."""
+    changing it: trying hundreds of gangs stays cheap. The index must not
+    change while this is in use.
+
+    Cost: a gang's nodes are looked up once, on its first use; from then on
+    adding, dropping or pricing it is a few integer operations per node
+    (masked nodes, which no release makes usable, are left out)."""
 
     def __init__(self, index: CapacityIndex, view: WorkerSizeView) -> None:
         self._index = index
         self._view = view
-        self._released: dict[int, int] = defaultdict(int)
+        self._released: dict[int, int] = {}
         self._rack_gain: dict[int, int] = defaultdict(int)
         self._block_gain: dict[int, int] = defaultdict(int)
         self._total_gain = 0
+        # id(gang) -> the gang (kept so its id stays its own) and its usable
+        # nodes as (position, rack, block, GPUs free now (negative when
+        # more are held than allocatable), GPUs it holds there).
+        self._gang_nodes: dict[int, tuple[RunningGang, list[tuple[int, int, int, int, int]]]] = {}
+
+    def _nodes(self, gang: RunningGang) -> list[tuple[int, int, int, int, int]]:
+        cached = self._gang_nodes.get(id(gang))
+        if cached is not None:
+            return cached[1]
+        nodes = []
+        for name, gpus in gang.gpus_by_node.items():
+            node = self._index.node(name)
+            if node is not None and not node.masks:
+                rack = node.rack
+                nodes.append((node.position, rack.position, rack.block.position,
+                              node.snapshot.allocatable_gpus - node.used, gpus))
+        self._gang_nodes[id(gang)] = (gang, nodes)
+        return nodes
 
     def add(self, gang: RunningGang, sign: int = 1) -> None:
         worker_gpus = self._view.worker_gpus
-        for name, gpus in gang.gpus_by_node.items():
-            node = self._index.node(name)
-            if node is None:
-                continue
-            before = self._index.capacity_if_released(node, self._released[node.position])
-            self._released[node.position] += sign * gpus
-            after = self._index.capacity_if_released(node, self._released[node.position])
-            gain = after // worker_gpus - before // worker_gpus
+        released = self._released
+        for position, rack, block, headroom, gpus in self._nodes(gang):
+            before = released.get(position, 0)
+            after = before + sign * gpus
+            released[position] = after
+            gain = max(0, headroom + after) // worker_gpus - max(0, headroom + before) // worker_gpus
             if gain:
-                self._rack_gain[node.rack.position] += gain
-                self._block_gain[node.rack.block.position] += gain
+                self._rack_gain[rack] += gain
+                self._block_gain[block] += gain
                 self._total_gain += gain
 
     def remove(self, gang: RunningGang) -> None:
@@ -295,15 +360,11 @@ class ReleasedSlots:
     def gain(self, gang: RunningGang) -> int:
         """The slots the pool would gain if `gang` were released too."""
         worker_gpus = self._view.worker_gpus
+        released = self._released
         gain = 0
-        for name, gpus in gang.gpus_by_node.items():
-            node = self._index.node(name)
-            if node is None:
-                continue
-            released = self._released.get(node.position, 0)
-            before = self._index.capacity_if_released(node, released)
-            after = self._index.capacity_if_released(node, released + gpus)
-            gain += after // worker_gpus - before // worker_gpus
+        for position, _, _, headroom, gpus in self._nodes(gang):
+            before = headroom + released.get(position, 0)
+            gain += max(0, before + gpus) // worker_gpus - max(0, before) // worker_gpus
         return gain
 
     def slots(self, domain: Domain) -> int:

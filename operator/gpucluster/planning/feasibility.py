@@ -11,14 +11,20 @@ judging every cycle rather than fail the job at once.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from operator import attrgetter
 
 from gpucluster.planning.admission_snapshot import NodeSnapshot, PendingJob
 
 
 class PoolInventory:
-    """The nodes of one pool by topology, with slots per worker size cached."""
+    """The nodes of one pool by topology, with slots per worker size cached.
+
+    Cost: one pass over the nodes when built; then per worker size, a pass
+    over the distinct rack and block shapes (GPUs per node, counted), of
+    which a pool of uniform racks has a handful whatever its size.
+    """
 
     def __init__(self, pool: str, nodes: Sequence[NodeSnapshot]) -> None:
         self.pool = pool
@@ -26,11 +32,21 @@ class PoolInventory:
         self._total_gpus = sum(node.allocatable_gpus for node in nodes)
         largest = max(nodes, key=lambda node: node.allocatable_gpus, default=None)
         self._largest_node = largest
-        # Nodes per allocatable size, per rack: slots of a rack for any worker
-        # size follow without visiting its nodes again.
-        self._rack_sizes: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
-        for node in nodes:
-            self._rack_sizes[(node.block, node.rack)][node.allocatable_gpus] += 1
+        nodes_by_place = Counter(map(_place_and_size, nodes))
+        # Nodes per GPU count, of each rack and block (plain dicts: a Counter
+        # per rack costs more than the counting at 25,000 nodes).
+        rack_sizes: dict[tuple[str, str], dict[int, int]] = {}
+        block_sizes: dict[str, dict[int, int]] = {}
+        for (block, rack, size), count in nodes_by_place.items():
+            sizes = rack_sizes.setdefault((block, rack), {})
+            sizes[size] = sizes.get(size, 0) + count
+            sizes = block_sizes.setdefault(block, {})
+            sizes[size] = sizes.get(size, 0) + count
+        self._pool_sizes = Counter(map(_size, nodes))
+        # Racks and blocks of the same shape hold the same slots: each shape
+        # is counted once, as (GPUs per node, nodes) pairs.
+        self._rack_shapes = {_shape(sizes) for sizes in rack_sizes.values()}
+        self._block_shapes = {_shape(sizes) for sizes in block_sizes.values()}
         self._slots_cache: dict[int, tuple[int, int, int]] = {}
 
     def why_never_fits(self, job: PendingJob) -> str | None:
@@ -65,12 +81,25 @@ class PoolInventory:
         cached = self._slots_cache.get(worker_gpus)
         if cached is not None:
             return cached
-        per_block: Counter[str] = Counter()
-        largest_rack = 0
-        for (block, _), sizes in self._rack_sizes.items():
-            rack_slots = sum(count * (size // worker_gpus) for size, count in sizes.items())
-            per_block[block] += rack_slots
-            largest_rack = max(largest_rack, rack_slots)
-        slots = (per_block.total(), max(per_block.values(), default=0), largest_rack)
+        slots = (
+            _slots(self._pool_sizes.items(), worker_gpus),
+            max((_slots(shape, worker_gpus) for shape in self._block_shapes), default=0),
+            max((_slots(shape, worker_gpus) for shape in self._rack_shapes), default=0),
+        )
         self._slots_cache[worker_gpus] = slots
         return slots
+
+
+Shape = tuple[tuple[int, int], ...]
+
+
+_place_and_size = attrgetter("block", "rack", "allocatable_gpus")
+_size = attrgetter("allocatable_gpus")
+
+
+def _shape(sizes: dict[int, int]) -> Shape:
+    return tuple(sorted(sizes.items()))
+
+
+def _slots(shape: Iterable[tuple[int, int]], worker_gpus: int) -> int:
+    return sum(count * (size // worker_gpus) for size, count in shape)

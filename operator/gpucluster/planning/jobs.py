@@ -62,6 +62,7 @@ class JobView:
     deadline_seconds: int | None = None
     uid: str = ""
     queue_position: int = 0
+    starts_by: str = ""  # status.startsBy: RFC 3339, or "" when unbounded or not the head
     workers_ready: str = ""
     reason: str = ""
     message: str = ""
@@ -103,8 +104,9 @@ def admission_inputs(
     pods: Iterable[WorkerPod],
     products: Mapping[str, str],
     foreign_gpus: Mapping[str, int],
+    now: float,
 ) -> tuple[list[NodeSnapshot], list[RunningGang], list[PendingJob]]:
-    """The planner's snapshot.
+    """The planner's snapshot at `now`.
 
     A job in an active phase holds the GPUs of its placement (its pods may not
     be in the index yet). Pods of any other attempt, or of a job that is no
@@ -142,15 +144,25 @@ def admission_inputs(
             running.append(RunningGang(
                 key=job.key, priority=job.priority, pool=job.pool,
                 gpus_by_node=_per_node(job.nodes, job.gpus_per_worker),
-                admitted_at=job.first_admitted_at or 0.0))
+                admitted_at=job.first_admitted_at or 0.0, ends_by=_ends_by(job, now)))
         elif job.phase in WAITING_PHASES:
+            ends_by = _ends_by(job, now)
             pending.append(PendingJob(
                 key=job.key, priority=job.priority, arrival=job.arrival, workers=job.workers,
                 gpus_per_worker=job.gpus_per_worker, pool=job.pool,
                 topology=TopologyRequest(level=job.topology_level,
                                          mode=job.topology_mode if job.topology_level else "preferred"),
-                excluded_nodes=job.excluded_nodes))
+                excluded_nodes=job.excluded_nodes,
+                time_limit=None if ends_by is None else max(0.0, ends_by - now)))
     return snapshots, running, pending
+
+
+def _ends_by(job: JobView, now: float) -> float | None:
+    """When spec.activeDeadlineSeconds ends the job at the latest, if it were
+    admitted at `now` and not before; None without a deadline."""
+    if job.deadline_seconds is None:
+        return None
+    return (now if job.first_admitted_at is None else job.first_admitted_at) + job.deadline_seconds
 
 
 def _per_node(nodes: Sequence[str], gpus_per_worker: int) -> dict[str, int]:

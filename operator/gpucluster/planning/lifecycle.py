@@ -113,6 +113,7 @@ class Unplaceable:
 @dataclass(frozen=True)
 class QueuePosition:
     position: int
+    starts_by: float | None = None  # the head's start bound, from run-time limits
 
 
 Observation = SpecJudged | GangObserved | Admit | Preempt | Preempting | Unplaceable | QueuePosition
@@ -177,11 +178,12 @@ def step(job: JobView, observation: Observation, now: float) -> Transition:
             return Transition(note=Note("Preempting", f"evicting {', '.join(victims)} to make room"))
         case Unplaceable(why, pool_complete):
             return _unplaceable(job, why, pool_complete, now)
-        case QueuePosition(position):
-            if job.phase not in WAITING_PHASES or job.queue_position == position:
+        case QueuePosition(position, starts_by):
+            stamp = "" if starts_by is None else _stamp(starts_by)
+            if job.phase not in WAITING_PHASES or (job.queue_position, job.starts_by) == (position, stamp):
                 return NOTHING
-            return Transition(status={"queuePosition": position},
-                              assume=dataclasses.replace(job, queue_position=position))
+            return Transition(status={"queuePosition": position, "startsBy": stamp or None},
+                              assume=dataclasses.replace(job, queue_position=position, starts_by=stamp))
     raise TypeError(f"not an observation: {observation!r}")
 
 
@@ -193,9 +195,10 @@ def _fail(job: JobView, reason: str, message: str, now: float, *, delete_pods: b
           condition: ConditionUpdate, **extra: Any) -> Transition:
     return Transition(
         status=_status_fields(job, Phase.FAILED, reason, message, completedAt=_stamp(now), gpus=0,
-                              workersReady=f"0/{job.workers}", queuePosition=0, **extra),
+                              workersReady=f"0/{job.workers}", queuePosition=0, startsBy=None, **extra),
         condition=condition, note=Note(reason, message, warning=True), delete_pods=delete_pods,
-        assume=dataclasses.replace(job, phase=Phase.FAILED, reason=reason, message=message, queue_position=0))
+        assume=dataclasses.replace(job, phase=Phase.FAILED, reason=reason, message=message, queue_position=0,
+                                   starts_by=""))
 
 
 def _requeue(job: JobView, phase: Phase, condition: ConditionUpdate, now: float, *, restarts: int,
@@ -378,13 +381,13 @@ def _admit(job: JobView, nodes: tuple[str, ...], now: float) -> Transition:
     return Transition(
         status=_status_fields(job, Phase.ADMITTED, "Admitted", message, nodes=list(nodes),
                               nodeList=hostlist(nodes), admittedAt=_stamp(now),
-                              firstAdmittedAt=_stamp(first), queuePosition=0, gpus=job.gpus,
+                              firstAdmittedAt=_stamp(first), queuePosition=0, startsBy=None, gpus=job.gpus,
                               workersReady=f"0/{job.workers}"),
         condition=ConditionUpdate("Admitted", True, "Admitted", message),
         note=Note("Admitted", f"{message}: {', '.join(distinct[:8])}" + (" ..." if len(distinct) > 8 else "")),
         create_pods=nodes,
         assume=dataclasses.replace(job, phase=Phase.ADMITTED, nodes=nodes, first_admitted_at=first,
-                                   queue_position=0, reason="Admitted", message=message,
+                                   queue_position=0, starts_by="", reason="Admitted", message=message,
                                    workers_ready=f"0/{job.workers}"),
         waited_s=max(0.0, now - (job.queued_at if job.queued_at is not None else job.arrival)))
 
@@ -472,7 +475,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
     snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes, pods, facts.products,
-                                                        facts.foreign_gpus)
+                                                        facts.foreign_gpus, now)
     plan = plan_admissions(snapshot_nodes, running, pending, now=now)
     victims_of: dict[str, list[str]] = {}
     for preemption in plan.preemptions:
@@ -490,7 +493,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         complete = present.get(view.pool, 0) >= facts.desired_nodes.get(view.pool, 0)
         apply(view, step(view, Unplaceable(why, complete), now))
     for key, position in plan.queue_positions.items():
-        apply(views[key], step(views[key], QueuePosition(position), now))
+        apply(views[key], step(views[key], QueuePosition(position, plan.starts_by.get(key)), now))
     return Cycle(tuple(transitions), plan, orphans, inputs)
 
 

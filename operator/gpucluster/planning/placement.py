@@ -86,16 +86,15 @@ def place(index: CapacityIndex, job: PendingJob) -> Placement | None:
 
 
 def _tightest_node(index: CapacityIndex, view: WorkerSizeView, workers: int) -> IndexedNode | None:
-    start = bisect_left(index.node_keys, (workers * view.worker_gpus,))
-    if start == len(index.node_keys):
+    capacity = index.tightest_capacity(workers * view.worker_gpus)
+    if capacity is None:
         return None
-    capacity = index.node_keys[start][0]
     rack_start = bisect_left(view.racks, (workers,))
     for _, _, position in view.racks[rack_start : rack_start + RACKS_COMPARED]:
         rack = index.racks[position]
         if rack.nodes_by_capacity[capacity]:
             return index.nodes[rack.node_keys[bisect_left(rack.node_keys, (capacity,))][2]]
-    return index.nodes[index.node_keys[start][2]]
+    return index.first_with_capacity(capacity)
 
 
 def _block_with_fewest_racks(view: WorkerSizeView, workers: int) -> int | None:

@@ -19,6 +19,7 @@ ORDINAL_DIGITS = 5
 class PoolProvider(StrEnum):
     KWOK = "kwok"
     STATIC = "static"
+    KARPENTER = "karpenter"
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class PoolShape:
 
 @dataclass(frozen=True)
 class ObservedNode:
-    """A node as the operator sees it through its index."""
+    """A node as the operator sees it through its index. A node Karpenter
+    launched has ordinal -1 until the operator numbers it."""
 
     name: str
     pool: str
@@ -55,6 +57,8 @@ class ObservedNode:
     # (epoch seconds; None when unknown or not in that state).
     not_ready_since: float | None = None
     gpu_fault_since: float | None = None
+    # (block, rack) from the cloud's own topology labels, where it has them.
+    provider_topology: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def _placed(shape: PoolShape, name: str, ordinal: int) -> NodeToCreate:
                         block=block_of(shape, ordinal))
 
 
-def _free_ordinals(taken: Iterable[int], count: int) -> list[int]:
+def free_ordinals(taken: Iterable[int], count: int) -> list[int]:
     """The `count` lowest ordinals not taken: scale-up refills holes first so
     racks and blocks stay full."""
     used = set(taken)
@@ -153,7 +157,7 @@ def plan_pool(
     if shape.provider is PoolProvider.STATIC:
         return _plan_static(shape, owned, static_candidates, excess)
     if excess < 0:
-        ordinals = _free_ordinals((n.ordinal for n in owned), -excess)
+        ordinals = free_ordinals((n.ordinal for n in owned), -excess)
         creates = tuple(_placed(shape, node_name(shape.cluster, shape.name, o), o)
                         for o in ordinals)
         return PoolPlan(create=creates, undrain=_undrain(owned, ()))
@@ -188,7 +192,7 @@ def _plan_static(
         return PoolPlan(release=release, drain=drain, undrain=_undrain(owned, leaving))
     free = sorted(c.name for c in candidates if c.claimed_by is None and c.name not in owned_names)
     chosen = free[:-excess]
-    ordinals = _free_ordinals((n.ordinal for n in owned), len(chosen))
+    ordinals = free_ordinals((n.ordinal for n in owned), len(chosen))
     adopt = tuple(_placed(shape, name, o) for name, o in zip(chosen, ordinals, strict=True))
     return PoolPlan(adopt=adopt, undrain=_undrain(owned, ()))
 

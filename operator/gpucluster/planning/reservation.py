@@ -35,7 +35,6 @@ the head's nodes only: linear in nodes plus gangs, up to a logarithm.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -47,11 +46,14 @@ from gpucluster.planning.placement import Placement, place
 
 def place_after_fewest_ends(
     index: CapacityIndex, head: PendingJob, gangs: Iterable[RunningGang]
-) -> Placement | None:
+) -> tuple[Placement, float | None] | None:
     """Where `head` starts once the fewest of `gangs` (and those evicting)
-    have ended, or None if no ends let it in (its nodes are cordoned or
-    excluded). `index` is the pool's free capacity with the head's excluded
-    nodes masked; it is not changed."""
+    have ended, and by when at the latest: the run-time limit of the last
+    gang it waits for (None when one has no limit, or when it waits only
+    for gangs already evicting, which end within their pods' grace). None
+    if no ends let it in (its nodes are cordoned or excluded). `index` is
+    the pool's free capacity with the head's excluded nodes masked; it is
+    not changed."""
     gangs = list(gangs)
     released = ReleasedSlots(index, index.view(head.gpus_per_worker))
     evicting = [gang for gang in gangs if gang.evicting]
@@ -81,7 +83,14 @@ def place_after_fewest_ends(
     placement = place(after, head)
     if placement is None:
         raise RuntimeError(f"the gangs {head.key} waits for do not make it fit")
-    return placement
+    return placement, _last_limit(ending)
+
+
+def _last_limit(gangs: Sequence[RunningGang]) -> float | None:
+    """When the last of `gangs` ends at the latest; None if one has no limit
+    or there are none (only evicting gangs are waited for)."""
+    limits = [gang.ends_by for gang in gangs if gang.ends_by is not None]
+    return max(limits) if gangs and len(limits) == len(gangs) else None
 
 
 def _nodes_for(
@@ -104,11 +113,10 @@ def _nodes_for(
         slots_near[node.domain("rack")] += node_slots
     if slots >= head.workers:
         return chosen
-    # Nodes with room for a worker now: the end of the index's capacity order.
+    # Nodes with room for a worker now.
     with_room = [
         node
-        for node in (index.nodes[key[2]] for key in index.node_keys[bisect_left(
-            index.node_keys, (worker_gpus,)):])
+        for node in index.nodes_with_room(worker_gpus)
         if not gpus_back.get(node.name) and node.domain(level) == domain
     ]
     with_room.sort(

@@ -30,12 +30,15 @@ Head and reservation. The first job of a pool that does not fit is the
   there and were reserved first, left idle while smaller jobs queued.)
 
 Backfill. Every job after the head may be admitted now on free GPUs outside
-the reservation, never on it. So whatever is backfilled, the head fits on
-its reserved nodes as soon as the gangs it waits for end (or are evicted):
-without run-time estimates, the only backfill that provably cannot delay the
-head. A head that cannot fit even once every running gang has ended (nodes
-cordoned or excluded) gets no reservation -- holding nodes back could not
-help it -- and backfill goes on until the pool changes. Only the head
+the reservation. So whatever is backfilled there, the head fits on its
+reserved nodes as soon as the gangs it waits for end (or are evicted). A job
+that does not fit outside the reservation may still go on it when run-time
+limits (spec.activeDeadlineSeconds) prove it leaves in time: every gang the
+head waits for has a limit, so the head starts by the last of those, and the
+job's own limit ends it before then (conservative backfill, as Slurm's on
+time limits). A head that cannot fit even once every running gang has ended
+(nodes cordoned or excluded) gets no reservation -- holding nodes back could
+not help it -- and backfill goes on until the pool changes. Only the head
 reserves or preempts; a job behind it waits its turn to become the head.
 """
 
@@ -56,7 +59,7 @@ from gpucluster.planning.admission_snapshot import (
 )
 from gpucluster.planning.capacity import CapacityIndex
 from gpucluster.planning.feasibility import PoolInventory
-from gpucluster.planning.placement import Placement, place
+from gpucluster.planning.placement import Placement, fits, place
 from gpucluster.planning.preemption import select_victims
 from gpucluster.planning.reservation import place_after_fewest_ends
 
@@ -100,8 +103,10 @@ class AdmissionPlan:
     unschedulable: job key -> why it can never fit its pool.
     queue_positions: job key -> 1-based position among the jobs of its pool
       still waiting (the head is 1).
-    reservations: head key -> the nodes held back for it (no job behind it
-      was placed there).
+    reservations: head key -> the nodes held back for it (a job behind it
+      is placed there only if its run-time limit ends it by `starts_by`).
+    starts_by: head key -> when it starts on its reserved nodes at the
+      latest, where run-time limits bound it (on the clock of `now`).
     """
 
     admissions: Mapping[str, tuple[str, ...]]
@@ -109,6 +114,7 @@ class AdmissionPlan:
     unschedulable: Mapping[str, str]
     queue_positions: Mapping[str, int]
     reservations: Mapping[str, tuple[str, ...]]
+    starts_by: Mapping[str, float]
 
 
 def queue_order(jobs: Iterable[PendingJob]) -> list[PendingJob]:
@@ -146,6 +152,10 @@ class _PoolQueue:
         # head behind them may have to wait for them to end too.
         self.admitted: list[RunningGang] = []
         self.head: PendingJob | None = None
+        # The head's reserved nodes, and when it starts on them at the latest
+        # (None: unknown, so nothing may backfill onto them).
+        self.reserved: tuple[str, ...] = ()
+        self.reserved_until: float | None = None
         self.last_queue_key: tuple[int, float, str] | None = None
         self.waiting: list[str] = []
 
@@ -211,15 +221,26 @@ class AdmissionCycle:
             unschedulable=dict(self._unschedulable),
             queue_positions=positions,
             reservations=dict(self._reservations),
+            starts_by={pool.head.key: pool.reserved_until for pool in self._pools.values()
+                       if pool.head is not None and pool.reserved_until is not None},
         )
 
     def _admit_or_hold(self, pool: _PoolQueue, job: PendingJob) -> Decision:
-        placement = place(pool.index, job)
+        # Behind a head most jobs fit nowhere: `fits` says so in O(1), before
+        # any placement search (place finds one exactly when fits says so).
+        placement = place(pool.index, job) if fits(pool.index, job) else None
+        if placement is None and self._leaves_before_head(pool, job):
+            pool.index.unmask(pool.reserved)
+            if fits(pool.index, job):
+                placement = place(pool.index, job)
+            pool.index.mask(pool.reserved)
         if placement is not None:
             gpus_by_node = _gpus_by_node(placement, job.gpus_per_worker)
             pool.index.take(gpus_by_node)
+            ends_by = None if job.time_limit is None else self._now + job.time_limit
             pool.admitted.append(
-                RunningGang(job.key, job.priority, job.pool, gpus_by_node, self._now)
+                RunningGang(job.key, job.priority, job.pool, gpus_by_node, self._now,
+                            ends_by=ends_by)
             )
             self._admissions[job.key] = _ranks(placement)
             return "admitted" if pool.head is None else "backfilled"
@@ -233,25 +254,33 @@ class AdmissionCycle:
         decision: Decision
         victims = select_victims(pool.index, head, pool.gangs, self._now)
         if victims is None:
-            placement = place_after_fewest_ends(pool.index, head, [*pool.gangs, *pool.admitted])
-            if placement is None:
+            found = place_after_fewest_ends(pool.index, head, [*pool.gangs, *pool.admitted])
+            if found is None:
                 return "waiting"
+            placement, pool.reserved_until = found
             decision = "reserved"
         else:
             leaving = [gang for gang in pool.gangs if gang.evicting] + list(victims)
             for gang in leaving:
                 pool.index.release(gang.gpus_by_node)
-            placement = place(pool.index, head)
+            after_eviction = place(pool.index, head)
             for gang in leaving:
                 pool.index.take(gang.gpus_by_node)
-            if placement is None:
+            if after_eviction is None:
                 raise RuntimeError(f"victims chosen for {head.key} do not make it fit")
+            placement = after_eviction
             self._preemptions.extend(Preemption(gang.key, head.key) for gang in victims)
             decision = "preempting" if victims else "reserved"
         reserved = tuple(dict.fromkeys(_ranks(placement)))
         pool.index.mask(reserved)
+        pool.reserved = reserved
         self._reservations[head.key] = reserved
         return decision
+
+    def _leaves_before_head(self, pool: _PoolQueue, job: PendingJob) -> bool:
+        """Whether `job`, admitted now, ends before the pool's head starts."""
+        return (pool.reserved_until is not None and job.time_limit is not None
+                and self._now + job.time_limit <= pool.reserved_until)
 
 
 def _gpus_by_node(placement: Placement, worker_gpus: int) -> dict[str, int]:
