@@ -16,6 +16,7 @@ binaries:
 	hack/build-binaries.sh
 	hack/build-kubelet.sh >/dev/null
 	hack/build-kueue.sh >/dev/null
+	hack/realnode/build-binaries.sh >/dev/null
 	hack/build-karpenter.sh >/dev/null
 
 demo: $(BIN)/gpucluster binaries

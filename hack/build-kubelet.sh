@@ -17,27 +17,7 @@ mkdir -p "$BIN_DIR" "$work"
 if [[ ! -x "$BIN_DIR/kubelet" ]]; then
   start=$SECONDS
   echo "building kubelet $KUBERNETES_VERSION into $BIN_DIR (cold build: several minutes on 2 cores)" >&2
-  # The wrapper-module trick of build-binaries.sh (k8s.io/kubernetes cannot be
-  # `go install`ed), in a module of its own so build-binaries.sh's is untouched.
-  mod="$work/kubelet"
-  mkdir -p "$mod"
-  (
-    cd "$mod"
-    if [[ ! -f go.mod ]]; then
-      printf 'module gpucluster.dev/localkubelet\n\ngo 1.24\n' > go.mod
-      upstream_mod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" \
-        | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
-      {
-        echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
-        grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$upstream_mod" \
-          | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
-      } >> go.mod
-      printf '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/kubelet"\n' > tools.go
-      go mod tidy
-    fi
-    nice -n 10 go build -p 2 -o "$BIN_DIR/kubelet" -ldflags="-s -w $(kube_version_ldflags)" \
-      k8s.io/kubernetes/cmd/kubelet
-  )
+  build_kube_command kubelet
   echo "built kubelet in $((SECONDS - start)) s" >&2
 fi
 

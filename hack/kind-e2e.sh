@@ -5,7 +5,7 @@
 #   hack/kind-e2e.sh            build the image, create a kind cluster, load
 #                               the image, install the chart with the fake GPU
 #                               device plugin and the agent's fake backend,
-#                               run `pytest -m kind tests/e2e`, delete the cluster
+#                               run `pytest -m e2e tests/e2e`, delete the cluster
 #   KEEP_CLUSTER=1 hack/kind-e2e.sh   ... and leave the cluster up afterwards
 #
 # Environment: KIND_CLUSTER (default gpucluster-e2e), KIND_VERSION (see
@@ -74,7 +74,7 @@ helm upgrade --install gpucluster "$REPO_ROOT/helm/gpucluster" \
   --values "$REPO_ROOT/helm/gpucluster/ci/kind-values.yaml" \
   --wait --timeout 5m
 
-echo "--- pytest -m kind tests/e2e" >&2
+echo "--- pytest -m e2e tests/e2e" >&2
 KIND_CLUSTER="$KIND_CLUSTER" GPUCLUSTER_E2E_NAMESPACE="$NAMESPACE" GPUCLUSTER_E2E_IMAGE="$IMAGE" \
-  "$VENV/bin/pytest" -m kind "$REPO_ROOT/tests/e2e" -v
+  "$VENV/bin/pytest" -m e2e "$REPO_ROOT/tests/e2e" -v
 echo "kind e2e took $((SECONDS - start)) s" >&2

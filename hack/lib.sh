@@ -22,3 +22,32 @@ kube_version_ldflags() {
   done
   echo "$flags"
 }
+# Builds k8s.io/kubernetes/cmd/$1 at $KUBERNETES_VERSION into $BIN_DIR. The
+# repository replaces its staging modules with local paths, so it cannot be
+# `go install`ed: a wrapper module of the command's own (in the build cache)
+# pins each staging module to its v0.X.Y tag instead. build-binaries.sh does
+# the same for the control plane's commands, in one module with etcd's.
+build_kube_command() {
+  local name="$1" mod="$CACHE_ROOT/build-$CACHE_KEY/$1"
+  local staging_version="v0.${KUBERNETES_VERSION#v1.}"
+  mkdir -p "$mod" "$BIN_DIR"
+  (
+    cd "$mod"
+    # go.sum is written last: a module folder without one was left half made.
+    if [[ ! -f go.sum ]]; then
+      printf 'module gpucluster.dev/local-%s\n\ngo 1.24\n' "$name" > go.mod
+      local upstream_mod
+      upstream_mod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+      {
+        echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+        grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$upstream_mod" \
+          | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
+      } >> go.mod
+      printf '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/%s"\n' "$name" > tools.go
+      go mod tidy
+    fi
+    CGO_ENABLED=0 GOFLAGS="-trimpath -buildvcs=false" nice -n 10 go build -p 2 -o "$BIN_DIR/$name" \
+      -ldflags="-s -w $(kube_version_ldflags)" "k8s.io/kubernetes/cmd/$name"
+  )
+}

@@ -60,6 +60,12 @@ DEFAULT_STATE_DIR = REPO_ROOT / ".local-cluster"
 READY_TIMEOUT_S = 60.0
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_CLUSTER_IP = "10.96.0.1"
+# The `kubernetes` Service's endpoint. The API server listens on 127.0.0.1
+# only, and an endpoint may not be a loopback address (with 127.0.0.1 the
+# Service had none). A real node (realnode.py) answers on this address inside
+# its own network namespace and relays to 127.0.0.1, so its pods reach the API
+# server through 10.96.0.1 as pods anywhere do.
+API_ADVERTISE_ADDRESS = "10.90.0.1"
 KWOK_CONFIG = REPO_ROOT / "hack" / "kwok.yaml"
 NODE_MONITOR_GRACE_PERIOD_S = 600
 NODE_MONITOR_PERIOD_S = 5
@@ -354,7 +360,11 @@ def _start_all(state: ClusterState, pki: Path) -> None:
 
     _start(state, "kube-apiserver", [
         "kube-apiserver", f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        "--bind-address=127.0.0.1", f"--advertise-address={API_ADVERTISE_ADDRESS}",
+        # Logs, exec and port-forward of a real node's pods: the API server
+        # dials the kubelet at its InternalIP as the cluster's admin.
+        f"--kubelet-client-certificate={pki / 'admin.crt'}", f"--kubelet-client-key={pki / 'admin.key'}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
         f"--secure-port={p['apiserver']}", f"--cert-dir={sd / 'cert-dir'}",
         f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
         f"--client-ca-file={pki / 'ca.crt'}",
@@ -452,7 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status", "env", "build"])
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help="where certificates, kubeconfigs, logs and pids live (default: %(default)s)")
+    parser.add_argument("--real-nodes", type=int, default=0, metavar="N",
+                        help="up: also start N real nodes (containerd, a kubelet and kube-proxy each, "
+                             "CoreDNS; see gpucluster.realnode)")
+    parser.add_argument("--real-node", action="store_const", const=1, dest="real_nodes",
+                        help="up: one real node (--real-nodes 1)")
     args = parser.parse_args(argv)
+    from gpucluster import realnode
     state_dir: Path = args.state_dir.resolve()
     # An `up` stopped half-way stops what it had started.
     interrupt_on_sigterm()
@@ -461,10 +477,12 @@ def main(argv: list[str] | None = None) -> int:
             print(bin_dir())
         elif args.action == "up":
             state = up(state_dir)
+            if args.real_nodes:
+                realnode.start(state, args.real_nodes)
             print(f"export KUBECONFIG={state.kubeconfig}")
             print(f"# logs: {Path(state.state_dir) / 'logs'}", file=sys.stderr)
         elif args.action == "down":
-            stopped = down(state_dir)
+            stopped = realnode.stop(state_dir) + down(state_dir)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
         elif args.action == "status":
             running = status(state_dir)
@@ -480,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"export KUBECONFIG={running.kubeconfig}")
             print(f"export PATH={running.bin_dir}:$PATH")
-    except ClusterError as err:
+    except (ClusterError, realnode.NodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
