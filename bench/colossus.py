@@ -225,10 +225,16 @@ def main() -> int:
             cpu0 = cpu_now(operator.pid)
             applied = time.monotonic()
             bench.kubectl("apply", "-f", "-", input=json.dumps(manifest(cluster, args.nodes)))
-            wait(lambda: len(nodes.healthy) >= args.nodes, args.timeout, f"{args.nodes} nodes Ready and healthy")
+            wait(lambda: len(nodes.ready) >= args.nodes, args.timeout, f"{args.nodes} nodes Ready")
             ours = time.monotonic() - applied
             rows.append(("1. nodes Ready: raw s / operator s / ratio", f"{raw:.0f} / {ours:.0f}",
                          f"{raw / ours:.2f} ({args.nodes / ours:.0f} nodes/s)"))
+            # Ready is where the raw creates stop; a node takes work once the
+            # fleet agent has also written GPUHealthy, which the raw side has
+            # no counterpart for.
+            wait(lambda: len(nodes.healthy) >= args.nodes, args.timeout, f"{args.nodes} nodes GPUHealthy")
+            rows.append(("1. nodes Ready and GPUHealthy s", f"{time.monotonic() - applied:.0f}",
+                         "the fleet agent's first health write on each node"))
             usage("1", operator.pid, cpu0)
 
             cpu0 = cpu_now(operator.pid)
@@ -251,9 +257,9 @@ def main() -> int:
                          f"{percentile(latencies, 0.99):.2f}",
                          f"{len(latencies)} of {len(submitted)} admitted, "
                          f"{len(latencies) / (last - first):.1f} jobs/s"))
-            rows.append(("2. planner decision p50 / p99 ms",
+            rows.append(("2. admission cycle p50 / p99 ms",
                          f"{histogram_quantile(decisions, 0.5) * 1000:.0f} / "
-                         f"{histogram_quantile(decisions, 0.99) * 1000:.0f}", "aim p99 <= 20 ms"))
+                         f"{histogram_quantile(decisions, 0.99) * 1000:.0f}", "every queued job judged and decided"))
             usage("2", operator.pid, cpu0)
 
             cpu0 = cpu_now(operator.pid)

@@ -41,6 +41,7 @@ class NodeHealthWatch:
         self.quarantined_at: dict[str, float] = {}
         self.unhealthy_at: dict[str, float] = {}
         self.healthy: set[str] = set()
+        self.ready: set[str] = set()
         self.out: set[str] = set()  # tainted nvidia.com/gpu-error now
         self.most_out = 0
         watch_nodes(bench.core, selector, self._see)
@@ -57,8 +58,11 @@ class NodeHealthWatch:
         conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
         if conditions.get(names.CONDITION_GPU_HEALTHY) == "False" and name not in self.unhealthy_at:
             self.unhealthy_at[name] = time.time()
-        if kind != "DELETED" and conditions.get("Ready") == "True" \
-                and conditions.get(names.CONDITION_GPU_HEALTHY) == "True":
+        if kind != "DELETED" and conditions.get("Ready") == "True":
+            self.ready.add(name)
+        else:
+            self.ready.discard(name)
+        if name in self.ready and conditions.get(names.CONDITION_GPU_HEALTHY) == "True":
             self.healthy.add(name)
         else:
             self.healthy.discard(name)
