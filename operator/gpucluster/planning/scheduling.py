@@ -40,6 +40,14 @@ time limits). A head that cannot fit even once every running gang has ended
 (nodes cordoned or excluded) gets no reservation -- holding nodes back could
 not help it -- and backfill goes on until the pool changes. Only the head
 reserves or preempts; a job behind it waits its turn to become the head.
+
+Between cycles. At 25,000 nodes, building each pool's inventory and capacity
+index costs several times what the decisions do, and from one cycle to the
+next only a few nodes change. A `CapacityCache`, owned by the caller and
+passed to every cycle of one cluster, keeps them and reconciles the index
+with the next cycle's nodes and running gangs (see `CapacityIndex.
+reconcile`); a pool whose nodes were added, removed, reordered or moved in
+the topology is built anew. A plan with the cache is the plan without it.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from gpucluster.planning.reservation import place_after_fewest_ends
 __all__ = [
     "AdmissionCycle",
     "AdmissionPlan",
+    "CapacityCache",
     "Decision",
     "NodeSnapshot",
     "PendingJob",
@@ -128,25 +137,79 @@ def plan_admissions(
     pending: Iterable[PendingJob],
     *,
     now: float,
+    cache: CapacityCache | None = None,
 ) -> AdmissionPlan:
     """Decide one admission cycle. `now` is on the clock of
-    `RunningGang.admitted_at` (seconds); it prices preemption."""
-    cycle = AdmissionCycle(nodes, running, now=now)
+    `RunningGang.admitted_at` (seconds); it prices preemption. `cache`
+    carries the pools' indexes over from the last cycle it was given to."""
+    cycle = AdmissionCycle(nodes, running, now=now, cache=cache)
     for job in queue_order(pending):
         cycle.decide(job)
     return cycle.plan()
 
 
+@dataclass
+class _CachedPool:
+    nodes: Sequence[NodeSnapshot]  # as the last cycle listed them
+    inventory: PoolInventory
+    index: CapacityIndex
+
+
+class CapacityCache:
+    """Each pool's inventory and capacity index, kept from one cycle to the
+    next. Plain data owned by the caller: one per cluster, given to one
+    cycle at a time (a cycle changes the indexes as it decides)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _CachedPool] = {}
+
+    def pools(
+        self, nodes_by_pool: Mapping[str, Sequence[NodeSnapshot]], used: Mapping[str, int]
+    ) -> dict[str, tuple[PoolInventory, CapacityIndex]]:
+        """The inventory and index of each pool for this cycle's nodes and
+        GPUs held (`used`, per node name); pools gone are forgotten."""
+        self._pools = {
+            pool: self._reconciled(pool, nodes, used) for pool, nodes in nodes_by_pool.items()
+        }
+        return {pool: (cached.inventory, cached.index) for pool, cached in self._pools.items()}
+
+    def _reconciled(
+        self, pool: str, nodes: Sequence[NodeSnapshot], used: Mapping[str, int]
+    ) -> _CachedPool:
+        cached = self._pools.get(pool)
+        if cached is None or len(cached.nodes) != len(nodes):
+            return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+        # Snapshots of unchanged nodes are mostly the very same objects
+        # (planning.jobs.NodeSnapshots): the identity test skips nearly all.
+        changed = []
+        inventory_stale = False
+        for before, now in zip(cached.nodes, nodes, strict=True):
+            if before is now or before == now:
+                continue
+            if before.name != now.name:
+                return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+            changed.append(now)
+            inventory_stale = inventory_stale or _inventoried(before) != _inventoried(now)
+        if not cached.index.reconcile(changed, used):
+            return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+        inventory = PoolInventory(pool, nodes) if inventory_stale else cached.inventory
+        return _CachedPool(nodes, inventory, cached.index)
+
+
+def _inventoried(node: NodeSnapshot) -> tuple[str, int, str, str]:
+    """What `PoolInventory` reads of a node."""
+    return (node.gpu_product, node.allocatable_gpus, node.block, node.rack)
+
+
 class _PoolQueue:
     def __init__(
         self,
-        pool: str,
-        nodes: Sequence[NodeSnapshot],
+        inventory: PoolInventory,
+        index: CapacityIndex,
         gangs: Sequence[RunningGang],
-        used: Mapping[str, int],
     ) -> None:
-        self.inventory = PoolInventory(pool, nodes)
-        self.index = CapacityIndex((node for node in nodes if node.schedulable), used)
+        self.inventory = inventory
+        self.index = index
         self.gangs = gangs
         # Jobs admitted this cycle, as the gangs they are about to become: a
         # head behind them may have to wait for them to end too.
@@ -163,10 +226,16 @@ class _PoolQueue:
 class AdmissionCycle:
     """One cycle, decided one job at a time: `plan_admissions` in steps, so
     a caller (the benchmark) can observe each decision. Jobs of a pool must
-    be decided in queue order; the capacity index is built once here."""
+    be decided in queue order; the capacity indexes are built (or taken
+    from `cache` and reconciled) once here."""
 
     def __init__(
-        self, nodes: Iterable[NodeSnapshot], running: Iterable[RunningGang], *, now: float
+        self,
+        nodes: Iterable[NodeSnapshot],
+        running: Iterable[RunningGang],
+        *,
+        now: float,
+        cache: CapacityCache | None = None,
     ) -> None:
         self._now = now
         nodes_by_pool: dict[str, list[NodeSnapshot]] = defaultdict(list)
@@ -178,9 +247,10 @@ class AdmissionCycle:
             gangs_by_pool[gang.pool].append(gang)
             for name, gpus in gang.gpus_by_node.items():
                 used[name] += gpus
+        indexes = (CapacityCache() if cache is None else cache).pools(nodes_by_pool, used)
         self._pools = {
-            pool: _PoolQueue(pool, pool_nodes, gangs_by_pool[pool], used)
-            for pool, pool_nodes in nodes_by_pool.items()
+            pool: _PoolQueue(inventory, index, gangs_by_pool[pool])
+            for pool, (inventory, index) in indexes.items()
         }
         self._decided: set[str] = set()
         self._admissions: dict[str, tuple[str, ...]] = {}
