@@ -98,6 +98,42 @@ def node_usable(node: ObservedNode | None) -> bool:
     return node is not None and node.ready and node.gpu_healthy and not node.cordoned
 
 
+class NodeSnapshots:
+    """The planner's view of each node, kept from one cycle to the next: a
+    node seen again as it was (an equal ObservedNode, with as many GPUs held
+    by other pods, in a cluster whose pools have the same GPU products) gets
+    the very NodeSnapshot of the last cycle, which the planner's
+    CapacityCache passes over by identity. At 25,000 nodes a cycle makes
+    next to no new objects here."""
+
+    def __init__(self) -> None:
+        self._products: dict[str, str] = {}
+        # Node name -> the node as last seen, GPUs other pods held on it, its snapshot.
+        self._by_name: dict[str, tuple[ObservedNode, int, NodeSnapshot]] = {}
+
+    def of(self, nodes: Iterable[ObservedNode], products: Mapping[str, str],
+           foreign_gpus: Mapping[str, int]) -> list[NodeSnapshot]:
+        if products != self._products:
+            self._products = dict(products)
+            self._by_name = {}
+        by_name = self._by_name
+        snapshots = []
+        for node in nodes:
+            held = foreign_gpus.get(node.name, 0)
+            seen = by_name.get(node.name)
+            if seen is None or seen[1] != held or (seen[0] is not node and seen[0] != node):
+                seen = by_name[node.name] = (node, held, NodeSnapshot(
+                    name=node.name, pool=node.pool, gpu_product=products.get(node.pool, ""),
+                    allocatable_gpus=max(0, node.gpus - held), block=node.block, rack=node.rack,
+                    schedulable=node_usable(node) and not node.draining))
+            elif seen[0] is not node:
+                by_name[node.name] = (node, held, seen[2])  # equal: next time the identity test says so
+            snapshots.append(seen[2])
+        if len(by_name) > len(snapshots):  # nodes gone
+            self._by_name = {snapshot.name: by_name[snapshot.name] for snapshot in snapshots}
+        return snapshots
+
+
 def admission_inputs(
     jobs: Iterable[JobView],
     nodes: Iterable[ObservedNode],
@@ -105,6 +141,7 @@ def admission_inputs(
     products: Mapping[str, str],
     foreign_gpus: Mapping[str, int],
     now: float,
+    snapshots: NodeSnapshots | None = None,
 ) -> tuple[list[NodeSnapshot], list[RunningGang], list[PendingJob]]:
     """The planner's snapshot at `now`.
 
@@ -114,15 +151,10 @@ def admission_inputs(
     `pods` are every worker pod on the cluster's nodes, of known jobs or
     not. GPUs that pods of no TrainingJob hold are taken off their node's
     allocatable, so the operator and the default scheduler never promise the
-    same GPU twice.
+    same GPU twice. `snapshots` keeps the nodes' snapshots of the last cycle
+    it was given to.
     """
-    snapshots = [
-        NodeSnapshot(name=n.name, pool=n.pool, gpu_product=products.get(n.pool, ""),
-                     allocatable_gpus=max(0, n.gpus - foreign_gpus.get(n.name, 0)),
-                     block=n.block, rack=n.rack, schedulable=node_usable(n) and not n.draining)
-        for n in nodes
-    ]
-    pools_of_nodes = {n.name: n.pool for n in snapshots}
+    node_snapshots = (NodeSnapshots() if snapshots is None else snapshots).of(nodes, products, foreign_gpus)
     jobs = list(jobs)
     current = {job.key: job.attempt for job in jobs if job.phase in ACTIVE_PHASES}
     # GPUs held by pods that are not the current attempt of an admitted gang:
@@ -134,6 +166,7 @@ def admission_inputs(
         if pod.holds_gpus and pod.node and current.get(pod.job_key) != pod.attempt:
             held = leftovers.setdefault(pod.job_key, {})
             held[pod.node] = held.get(pod.node, 0) + pod.gpus
+    pools_of_nodes = {n.name: n.pool for n in node_snapshots} if leftovers else {}
     running: list[RunningGang] = [
         RunningGang(key=f"{key}{LEFTOVER_SUFFIX}", priority=0, pool=pools_of_nodes.get(next(iter(held)), ""),
                     gpus_by_node=held, admitted_at=0.0, evicting=True)
@@ -154,7 +187,7 @@ def admission_inputs(
                                          mode=job.topology_mode if job.topology_level else "preferred"),
                 excluded_nodes=job.excluded_nodes,
                 time_limit=None if ends_by is None else max(0.0, ends_by - now)))
-    return snapshots, running, pending
+    return node_snapshots, running, pending
 
 
 def _ends_by(job: JobView, now: float) -> float | None:

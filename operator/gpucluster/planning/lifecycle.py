@@ -48,13 +48,14 @@ from gpucluster.planning.jobs import (
     FINISHED_PHASES,
     WAITING_PHASES,
     JobView,
+    NodeSnapshots,
     Phase,
     Problem,
     WorkerPod,
     admission_inputs,
 )
 from gpucluster.planning.pools import ObservedNode
-from gpucluster.planning.scheduling import AdmissionPlan, plan_admissions
+from gpucluster.planning.scheduling import AdmissionPlan, CapacityCache, plan_admissions
 from gpucluster.timestamps import rfc3339
 
 # Reasons of a Failed phase that an edit of the spec can cure.
@@ -434,6 +435,19 @@ class Cycle:
     inputs: int | None = None
 
 
+@dataclass
+class PlannerCache:
+    """What the admission cycles of one cluster carry from one to the next,
+    so that a cycle at 25,000 nodes costs its decisions rather than building
+    the same node snapshots and capacity indexes again. Owned by the caller
+    (the simulator; the operator keeps one per TrainingCluster in its
+    state) and given to one cycle at a time. A plan with it is the plan
+    without it."""
+
+    nodes: NodeSnapshots = field(default_factory=NodeSnapshots)
+    capacity: CapacityCache = field(default_factory=CapacityCache)
+
+
 def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
     """A fingerprint of what a plan is made from: the jobs, the nodes (as
     the index sees them: heartbeats do not change them), GPUs held by other
@@ -444,7 +458,8 @@ def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
 
 
 def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
-                    judge: Collection[str] | None = None, unchanged_since: int | None = None) -> Cycle:
+                    judge: Collection[str] | None = None, unchanged_since: int | None = None,
+                    cache: PlannerCache | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
     assumed by the second, as their writes will be. `judge` limits the
@@ -452,7 +467,9 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     or clocks changed; the operator judges all). When judging changed
     nothing and the planner's inputs have the fingerprint
     `unchanged_since`, the plan would be the last one again: it is skipped
-    (at 25,000 nodes a plan costs a good part of a second)."""
+    (at 25,000 nodes a plan costs a good part of a second). `cache`
+    carries the planner's snapshots and indexes over between the cycles of
+    one cluster."""
     views = {v.key: v for v in jobs}
     node_by_name = {n.name: n for n in facts.nodes}
     transitions: list[tuple[JobView, Transition]] = []
@@ -475,8 +492,10 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
     snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes, pods, facts.products,
-                                                        facts.foreign_gpus, now)
-    plan = plan_admissions(snapshot_nodes, running, pending, now=now)
+                                                        facts.foreign_gpus, now,
+                                                        None if cache is None else cache.nodes)
+    plan = plan_admissions(snapshot_nodes, running, pending, now=now,
+                           cache=None if cache is None else cache.capacity)
     victims_of: dict[str, list[str]] = {}
     for preemption in plan.preemptions:
         apply(views[preemption.victim], step(views[preemption.victim], Preempt(preemption.preemptor), now))

@@ -41,7 +41,14 @@ from gpucluster.planning.jobs import (
     WorkerPod,
     choose_pool,
 )
-from gpucluster.planning.lifecycle import ClusterFacts, SpecJudged, Transition, admission_cycle, step
+from gpucluster.planning.lifecycle import (
+    ClusterFacts,
+    PlannerCache,
+    SpecJudged,
+    Transition,
+    admission_cycle,
+    step,
+)
 from gpucluster.planning.pools import ObservedNode, PoolProvider, PoolShape, plan_pool
 from gpucluster.planning.remediation import RemediationBudget
 from gpucluster.sim.trace import TraceJob
@@ -147,6 +154,7 @@ class Simulation:
         self.in_repair: dict[str, int] = defaultdict(int)  # pool -> nodes being repaired
         self.repair_queue: dict[str, list[str]] = defaultdict(list)
         self.report = Report(jobs=[], samples=[], total_gpus=self.total_gpus, makespan=0.0, cycles=0)
+        self.planner_cache = PlannerCache()
 
     # --- events ---
 
@@ -320,7 +328,7 @@ class Simulation:
             dirty, self.dirty = self.dirty, set()
             facts = ClusterFacts(nodes=list(self.nodes.values()), pods={k: self.pods.get(k, ()) for k in dirty},
                                  products=products, desired_nodes=desired)
-            cycle = admission_cycle(self.views.values(), facts, now, judge=dirty)
+            cycle = admission_cycle(self.views.values(), facts, now, judge=dirty, cache=self.planner_cache)
             self.report.cycles += 1
             for view, transition in cycle.transitions:
                 self._apply(view, transition, now)
