@@ -36,6 +36,7 @@ gang's progress since its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -504,9 +505,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         apply(views[preemptor], step(views[preemptor], Preempting(tuple(victims)), now))
     for key, placement in plan.admissions.items():
         apply(views[key], step(views[key], Admit(placement), now))
-    present: dict[str, int] = {}
-    for node in facts.nodes:
-        present[node.pool] = present.get(node.pool, 0) + 1
+    present = Counter(node.pool for node in facts.nodes) if plan.unschedulable else Counter()
     for key, why in plan.unschedulable.items():
         view = views[key]
         complete = present.get(view.pool, 0) >= facts.desired_nodes.get(view.pool, 0)
