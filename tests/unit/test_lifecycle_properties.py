@@ -70,7 +70,7 @@ class World:
         pods: dict[str, list[WorkerPod]] = defaultdict(list)
         for p in self.pods:
             pods[p.job_key].append(p.worker())
-        return ClusterFacts(nodes=list(self.nodes.values()), pods=pods,
+        return ClusterFacts(nodes=dict(self.nodes), pods=pods,
                             products={"h100": "H100", "h200": "H200"},
                             desired_nodes={pool: len(n) for pool, n in POOLS.items()})
 

@@ -275,7 +275,8 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         pods = _worker_pods(views, nodes, workers_by_job)
         if not views and not pods:
             return
-        facts = ClusterFacts(nodes=nodes, pods=pods, products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
+        facts = ClusterFacts(nodes={n.name: n for n in nodes}, pods=pods,
+                             products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
                              desired_nodes={p["name"]: int(p["nodes"]) for p in spec.get("pools", [])},
                              foreign_gpus=foreign)
         last = state.last_plans.get(name)

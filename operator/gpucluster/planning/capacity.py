@@ -179,10 +179,9 @@ class CapacityIndex:
         self.blocks: list[Block] = []
         self._by_name: dict[str, IndexedNode] = {}
         self._views: dict[int, WorkerSizeView] = {}
-        # What `reconcile` compares the next cycle with: GPUs held per node
-        # as of the last build or reconcile, and the nodes whose GPUs held or
-        # masks changed since (the cycle's takes, releases and masks).
-        self._reconciled_used: dict[str, int] = {}
+        # The nodes whose GPUs held or masks changed since the last build or
+        # reconcile (the cycle's takes, releases and masks): `reconcile`
+        # undoes them.
         self._touched: set[IndexedNode] = set()
         block: Block | None = None
         rack: Rack | None = None
@@ -208,7 +207,6 @@ class CapacityIndex:
         for rack in self.racks:
             rack.node_keys.sort()
             rack.block.preference += rack.preference
-        self._reconciled_used = self._held(used)
 
     def node(self, name: str) -> IndexedNode | None:
         return self._by_name.get(name)
@@ -263,13 +261,17 @@ class CapacityIndex:
     def unmask(self, names: Iterable[str]) -> None:
         self._change((node, 0, -1) for node in map(self._by_name.get, names) if node is not None)
 
-    def reconcile(self, changed: Sequence[NodeSnapshot], used: Mapping[str, int]) -> bool:
+    def reconcile(
+        self, changed: Sequence[NodeSnapshot], used: Mapping[str, int], used_changed: Iterable[str]
+    ) -> bool:
         """Make this index what a new one over its nodes would be, with
         `changed` in place of their earlier snapshots and `used` GPUs held
-        per node: every take, release and mask since the last build or
-        reconcile is undone. False, with nothing changed, when a changed
-        node is not one of its nodes at the same rack and block, or has more
-        GPUs than the index was built for: then build a new one."""
+        per node, where `used_changed` names every node whose GPUs held may
+        differ from those of the last build or reconcile (others' names are
+        passed over): every take, release and mask since then is undone.
+        False, with nothing changed, when a changed node is not one of its
+        nodes at the same rack and block, or has more GPUs than the index
+        was built for: then build a new one."""
         by_name = self._by_name
         for snapshot in changed:
             node = by_name.get(snapshot.name)
@@ -281,21 +283,13 @@ class CapacityIndex:
             node = by_name[snapshot.name]
             node.snapshot = snapshot
             stale.add(node)
-        held = self._held(used)
-        before = self._reconciled_used
-        stale.update(by_name[name] for name, gpus in held.items() if before.get(name) != gpus)
-        stale.update(by_name[name] for name in before if name not in held)
+        stale.update(node for node in map(by_name.get, used_changed) if node is not None)
         self._change(
-            (node, held.get(node.name, 0) - node.used, (0 if node.snapshot.schedulable else 1) - node.masks)
+            (node, used.get(node.name, 0) - node.used, (0 if node.snapshot.schedulable else 1) - node.masks)
             for node in sorted(stale, key=_position)
         )
-        self._reconciled_used = held
         self._touched.clear()
         return True
-
-    def _held(self, used: Mapping[str, int]) -> dict[str, int]:
-        """`used` restricted to this index's nodes (it may cover other pools)."""
-        return {name: gpus for name, gpus in used.items() if gpus and name in self._by_name}
 
     def _change(self, changes: Iterable[tuple[IndexedNode, int, int]]) -> None:
         """Apply (node, used change, mask change) for several nodes, then

@@ -415,7 +415,7 @@ def _unplaceable(job: JobView, why: str, pool_complete: bool, now: float) -> Tra
 class ClusterFacts:
     """What one admission cycle of a cluster reads."""
 
-    nodes: Sequence[ObservedNode]
+    nodes: Mapping[str, ObservedNode]  # by name
     # Worker pods by job key: every job of the cluster, and jobs that are
     # gone but whose pods are still on the cluster's nodes.
     pods: Mapping[str, Sequence[WorkerPod]]
@@ -453,7 +453,7 @@ def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
     """A fingerprint of what a plan is made from: the jobs, the nodes (as
     the index sees them: heartbeats do not change them), GPUs held by other
     pods, and the worker pods of each job, counted."""
-    return hash((tuple(sorted(views, key=lambda v: v.key)), tuple(facts.nodes),
+    return hash((tuple(sorted(views, key=lambda v: v.key)), tuple(facts.nodes.values()),
                  frozenset(facts.foreign_gpus.items()),
                  frozenset((key, len(pods), sum(p.terminating for p in pods)) for key, pods in facts.pods.items())))
 
@@ -472,7 +472,6 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     carries the planner's snapshots and indexes over between the cycles of
     one cluster."""
     views = {v.key: v for v in jobs}
-    node_by_name = {n.name: n for n in facts.nodes}
     transitions: list[tuple[JobView, Transition]] = []
 
     def apply(view: JobView, transition: Transition) -> None:
@@ -485,14 +484,14 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     orphans = tuple(sorted(key for key, pods in facts.pods.items()
                            if key not in views and any(p.holds_gpus and not p.terminating for p in pods)))
     for view in list(views.values()) if judge is None else [views[k] for k in judge if k in views]:
-        apply(view, step(view, GangObserved(facts.pods.get(view.key, ()), node_by_name), now))
+        apply(view, step(view, GangObserved(facts.pods.get(view.key, ()), facts.nodes), now))
     if not any(v.phase in WAITING_PHASES for v in views.values()):
         return Cycle(tuple(transitions), None, orphans)
     inputs = planner_inputs(views.values(), facts)
     if not transitions and inputs == unchanged_since:
         return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
-    snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes, pods, facts.products,
+    snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes.values(), pods, facts.products,
                                                         facts.foreign_gpus, now,
                                                         None if cache is None else cache.nodes)
     plan = plan_admissions(snapshot_nodes, running, pending, now=now,
@@ -505,7 +504,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         apply(views[preemptor], step(views[preemptor], Preempting(tuple(victims)), now))
     for key, placement in plan.admissions.items():
         apply(views[key], step(views[key], Admit(placement), now))
-    present = Counter(node.pool for node in facts.nodes) if plan.unschedulable else Counter()
+    present = Counter(node.pool for node in facts.nodes.values()) if plan.unschedulable else Counter()
     for key, why in plan.unschedulable.items():
         view = views[key]
         complete = present.get(view.pool, 0) >= facts.desired_nodes.get(view.pool, 0)

@@ -162,35 +162,47 @@ class CapacityCache:
 
     def __init__(self) -> None:
         self._pools: dict[str, _CachedPool] = {}
+        self._used: Mapping[str, int] = {}  # GPUs held per node in the last cycle
 
     def pools(
         self, nodes_by_pool: Mapping[str, Sequence[NodeSnapshot]], used: Mapping[str, int]
     ) -> dict[str, tuple[PoolInventory, CapacityIndex]]:
         """The inventory and index of each pool for this cycle's nodes and
         GPUs held (`used`, per node name); pools gone are forgotten."""
+        # Most of a busy cluster's nodes hold the same GPUs as a cycle ago:
+        # the set operation finds those that do not without a Python loop.
+        used_changed = {name for name, _ in used.items() ^ self._used.items()}
         self._pools = {
-            pool: self._reconciled(pool, nodes, used) for pool, nodes in nodes_by_pool.items()
+            pool: self._reconciled(pool, nodes, used, used_changed)
+            for pool, nodes in nodes_by_pool.items()
         }
+        self._used = used
         return {pool: (cached.inventory, cached.index) for pool, cached in self._pools.items()}
 
     def _reconciled(
-        self, pool: str, nodes: Sequence[NodeSnapshot], used: Mapping[str, int]
+        self,
+        pool: str,
+        nodes: Sequence[NodeSnapshot],
+        used: Mapping[str, int],
+        used_changed: set[str],
     ) -> _CachedPool:
         cached = self._pools.get(pool)
         if cached is None or len(cached.nodes) != len(nodes):
             return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
-        # Snapshots of unchanged nodes are mostly the very same objects
-        # (planning.jobs.NodeSnapshots): the identity test skips nearly all.
         changed = []
         inventory_stale = False
-        for before, now in zip(cached.nodes, nodes, strict=True):
-            if before is now or before == now:
-                continue
-            if before.name != now.name:
-                return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
-            changed.append(now)
-            inventory_stale = inventory_stale or _inventoried(before) != _inventoried(now)
-        if not cached.index.reconcile(changed, used):
+        # Snapshots of unchanged nodes are mostly the very same objects
+        # (planning.jobs.NodeSnapshots): the list comparison, which tests
+        # identity first, passes over them without a Python loop.
+        if cached.nodes != nodes:
+            for before, now in zip(cached.nodes, nodes, strict=True):
+                if before is now or before == now:
+                    continue
+                if before.name != now.name:
+                    return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+                changed.append(now)
+                inventory_stale = inventory_stale or _inventoried(before) != _inventoried(now)
+        if not cached.index.reconcile(changed, used, used_changed):
             return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
         inventory = PoolInventory(pool, nodes) if inventory_stale else cached.inventory
         return _CachedPool(nodes, inventory, cached.index)
