@@ -125,4 +125,6 @@ def test_node_snapshots_are_kept_for_nodes_that_did_not_change() -> None:
     assert snapshots.of([cordoned["n0"]], products, {"n3": 2}) == [first[0]]
     again = snapshots.of(cordoned.values(), products, {"n3": 2})
     assert again[0] is first[0] and again[1] is not second[1] and again[1] == second[1]  # forgotten while gone
+    reordered = snapshots.of(reversed(cordoned.values()), products, {"n3": 2})
+    assert [a is b for a, b in zip(again, reversed(reordered), strict=True)] == [True] * 4
     assert snapshots.of(cordoned.values(), {"h100": "H100-SXM"}, {"n3": 2})[0].gpu_product == "H100-SXM"
