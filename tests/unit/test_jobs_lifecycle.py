@@ -11,6 +11,7 @@ from gpucluster.planning.jobs import (
     Phase,
     PoolFacts,
     Problem,
+    RunningGangs,
     WorkerPod,
     admission_inputs,
     choose_pool,
@@ -128,3 +129,18 @@ def test_node_snapshots_are_kept_for_nodes_that_did_not_change() -> None:
     reordered = snapshots.of(reversed(cordoned.values()), products, {"n3": 2})
     assert [a is b for a, b in zip(again, reversed(reordered), strict=True)] == [True] * 4
     assert snapshots.of(cordoned.values(), {"h100": "H100-SXM"}, {"n3": 2})[0].gpu_product == "H100-SXM"
+
+
+def test_running_gangs_are_kept_while_their_job_is_the_same() -> None:
+    """The capacity cache counts the GPUs of only the gangs that are new
+    objects; a gang whose job or end changed is new."""
+    running, other = gang(key="ns/a"), gang(key="ns/b", nodes=("n2", "n3"))
+    gangs = RunningGangs()
+    first = gangs.of([running, other], now=0.0)
+    moved = dataclasses.replace(other, nodes=("n2", "n2"))
+    second = gangs.of([dataclasses.replace(running), moved], now=10.0)
+    assert second[0] is first[0] and second[1] is not first[1]
+    assert dict(second[1].gpus_by_node) == {"n2": 16}
+    unadmitted = gang(key="ns/c", first_admitted_at=None, deadline_seconds=600)  # its end moves with now
+    assert gangs.of([unadmitted], now=0.0)[0].ends_by == 600.0
+    assert gangs.of([unadmitted], now=5.0)[0].ends_by == 605.0

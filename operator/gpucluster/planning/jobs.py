@@ -162,6 +162,32 @@ def _snapshot(node: ObservedNode, products: Mapping[str, str], foreign_gpus: Map
                         block=node.block, rack=node.rack, schedulable=node_usable(node) and not node.draining)
 
 
+class RunningGangs:
+    """Each admitted job's RunningGang, kept from one cycle to the next
+    while the job's view is the same (the same object or an equal one) and
+    so is its end: the planner's CapacityCache counts the GPUs of only the
+    gangs that are new objects."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, tuple[JobView, RunningGang]] = {}
+
+    def of(self, jobs: Iterable[JobView], now: float) -> list[RunningGang]:
+        """The gangs of `jobs`, which are in an active phase."""
+        kept: dict[str, tuple[JobView, RunningGang]] = {}
+        gangs = []
+        for job in jobs:
+            ends_by = _ends_by(job, now)
+            seen = self._by_key.get(job.key)
+            if seen is None or (seen[0] is not job and seen[0] != job) or seen[1].ends_by != ends_by:
+                seen = (job, RunningGang(key=job.key, priority=job.priority, pool=job.pool,
+                                         gpus_by_node=_per_node(job.nodes, job.gpus_per_worker),
+                                         admitted_at=job.first_admitted_at or 0.0, ends_by=ends_by))
+            kept[job.key] = seen
+            gangs.append(seen[1])
+        self._by_key = kept
+        return gangs
+
+
 def admission_inputs(
     jobs: Iterable[JobView],
     nodes: Iterable[ObservedNode],
@@ -170,6 +196,7 @@ def admission_inputs(
     foreign_gpus: Mapping[str, int],
     now: float,
     snapshots: NodeSnapshots | None = None,
+    gangs: RunningGangs | None = None,
 ) -> tuple[list[NodeSnapshot], list[RunningGang], list[PendingJob]]:
     """The planner's snapshot at `now`.
 
@@ -179,8 +206,8 @@ def admission_inputs(
     `pods` are every worker pod on the cluster's nodes, of known jobs or
     not. GPUs that pods of no TrainingJob hold are taken off their node's
     allocatable, so the operator and the default scheduler never promise the
-    same GPU twice. `snapshots` keeps the nodes' snapshots of the last cycle
-    it was given to.
+    same GPU twice. `snapshots` and `gangs` keep the nodes' snapshots and
+    the running gangs of the last cycle they were given to.
     """
     node_snapshots = (NodeSnapshots() if snapshots is None else snapshots).of(nodes, products, foreign_gpus)
     jobs = list(jobs)
@@ -199,14 +226,11 @@ def admission_inputs(
         RunningGang(key=f"{key}{LEFTOVER_SUFFIX}", priority=0, pool=pools_of_nodes.get(next(iter(held)), ""),
                     gpus_by_node=held, admitted_at=0.0, evicting=True)
         for key, held in sorted(leftovers.items())]
+    running += (RunningGangs() if gangs is None else gangs).of(
+        (job for job in jobs if job.phase in ACTIVE_PHASES), now)
     pending: list[PendingJob] = []
     for job in jobs:
-        if job.phase in ACTIVE_PHASES:
-            running.append(RunningGang(
-                key=job.key, priority=job.priority, pool=job.pool,
-                gpus_by_node=_per_node(job.nodes, job.gpus_per_worker),
-                admitted_at=job.first_admitted_at or 0.0, ends_by=_ends_by(job, now)))
-        elif job.phase in WAITING_PHASES:
+        if job.phase in WAITING_PHASES:
             ends_by = _ends_by(job, now)
             pending.append(PendingJob(
                 key=job.key, priority=job.priority, arrival=job.arrival, workers=job.workers,

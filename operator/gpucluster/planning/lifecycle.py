@@ -52,6 +52,7 @@ from gpucluster.planning.jobs import (
     NodeSnapshots,
     Phase,
     Problem,
+    RunningGangs,
     WorkerPod,
     admission_inputs,
 )
@@ -446,6 +447,7 @@ class PlannerCache:
     without it."""
 
     nodes: NodeSnapshots = field(default_factory=NodeSnapshots)
+    gangs: RunningGangs = field(default_factory=RunningGangs)
     capacity: CapacityCache = field(default_factory=CapacityCache)
 
 
@@ -491,9 +493,9 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     if not transitions and inputs == unchanged_since:
         return Cycle((), None, orphans, inputs)
     pods = [p for ps in facts.pods.values() for p in ps]
-    snapshot_nodes, running, pending = admission_inputs(views.values(), facts.nodes.values(), pods, facts.products,
-                                                        facts.foreign_gpus, now,
-                                                        None if cache is None else cache.nodes)
+    snapshot_nodes, running, pending = admission_inputs(
+        views.values(), facts.nodes.values(), pods, facts.products, facts.foreign_gpus, now,
+        None if cache is None else cache.nodes, None if cache is None else cache.gangs)
     plan = plan_admissions(snapshot_nodes, running, pending, now=now,
                            cache=None if cache is None else cache.capacity)
     victims_of: dict[str, list[str]] = {}

@@ -52,9 +52,11 @@ the topology is built anew. A plan with the cache is the plan without it.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress, count
+from operator import is_not
 from typing import Literal
 
 from gpucluster.planning.admission_snapshot import (
@@ -150,7 +152,7 @@ def plan_admissions(
 
 @dataclass
 class _CachedPool:
-    nodes: Sequence[NodeSnapshot]  # as the last cycle listed them
+    nodes: list[NodeSnapshot]  # as the last cycle listed them
     inventory: PoolInventory
     index: CapacityIndex
 
@@ -158,50 +160,83 @@ class _CachedPool:
 class CapacityCache:
     """Each pool's inventory and capacity index, kept from one cycle to the
     next. Plain data owned by the caller: one per cluster, given to one
-    cycle at a time (a cycle changes the indexes as it decides)."""
+    cycle at a time (a cycle changes the indexes as it decides).
+
+    Cost per cycle at 25,000 nodes: when the snapshots are the very objects
+    of the last cycle (planning.jobs.NodeSnapshots) and most gangs too
+    (planning.jobs.RunningGangs), comparisons in C pass over them and only
+    the gangs that started or ended since, and the nodes the last cycle's
+    decisions touched, are looked at in Python."""
 
     def __init__(self) -> None:
+        self._nodes: list[NodeSnapshot] = []
         self._pools: dict[str, _CachedPool] = {}
-        self._used: Mapping[str, int] = {}  # GPUs held per node in the last cycle
+        # The last cycle's gangs, by id (kept, so that no other object takes
+        # an id while it is here) and how often each was listed, and the
+        # GPUs they hold per node.
+        self._gangs: dict[int, RunningGang] = {}
+        self._gang_counts: Counter[int] = Counter()
+        self._used: dict[str, int] = {}
 
     def pools(
-        self, nodes_by_pool: Mapping[str, Sequence[NodeSnapshot]], used: Mapping[str, int]
+        self, nodes: Iterable[NodeSnapshot], running: Sequence[RunningGang]
     ) -> dict[str, tuple[PoolInventory, CapacityIndex]]:
         """The inventory and index of each pool for this cycle's nodes and
-        GPUs held (`used`, per node name); pools gone are forgotten."""
-        # Most of a busy cluster's nodes hold the same GPUs as a cycle ago:
-        # the set operation finds those that do not without a Python loop.
-        used_changed = {name for name, _ in used.items() ^ self._used.items()}
-        self._pools = {
-            pool: self._reconciled(pool, nodes, used, used_changed)
-            for pool, nodes in nodes_by_pool.items()
-        }
-        self._used = used
+        running gangs; pools gone are forgotten."""
+        nodes = list(nodes)
+        used_changed = self._count_used(running)
+        if nodes == self._nodes:
+            for cached in self._pools.values():
+                cached.index.reconcile((), self._used, used_changed)
+        else:
+            nodes_by_pool: dict[str, list[NodeSnapshot]] = defaultdict(list)
+            for node in nodes:
+                nodes_by_pool[node.pool].append(node)
+            self._pools = {
+                pool: self._reconciled(pool, pool_nodes, used_changed)
+                for pool, pool_nodes in nodes_by_pool.items()
+            }
+            self._nodes = nodes
         return {pool: (cached.inventory, cached.index) for pool, cached in self._pools.items()}
 
-    def _reconciled(
-        self,
-        pool: str,
-        nodes: Sequence[NodeSnapshot],
-        used: Mapping[str, int],
-        used_changed: set[str],
-    ) -> _CachedPool:
+    def _count_used(self, running: Sequence[RunningGang]) -> set[str]:
+        """Bring the GPUs held per node to `running`; the nodes where they
+        may have changed."""
+        gangs = {id(gang): gang for gang in running}
+        counts = Counter(map(id, running))
+        changed: set[str] = set()
+        for gang_id, times in (counts - self._gang_counts).items():
+            self._hold(gangs[gang_id], times, changed)
+        for gang_id, times in (self._gang_counts - counts).items():
+            self._hold(self._gangs[gang_id], -times, changed)
+        self._gangs, self._gang_counts = gangs, counts
+        return changed
+
+    def _hold(self, gang: RunningGang, times: int, changed: set[str]) -> None:
+        used = self._used
+        for name, gpus in gang.gpus_by_node.items():
+            held = used.get(name, 0) + times * gpus
+            if held:
+                used[name] = held
+            else:
+                used.pop(name, None)
+            changed.add(name)
+
+    def _reconciled(self, pool: str, nodes: list[NodeSnapshot], used_changed: set[str]) -> _CachedPool:
+        used = self._used
         cached = self._pools.get(pool)
         if cached is None or len(cached.nodes) != len(nodes):
             return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
         changed = []
         inventory_stale = False
-        # Snapshots of unchanged nodes are mostly the very same objects
-        # (planning.jobs.NodeSnapshots): the list comparison, which tests
-        # identity first, passes over them without a Python loop.
-        if cached.nodes != nodes:
-            for before, now in zip(cached.nodes, nodes, strict=True):
-                if before is now or before == now:
-                    continue
-                if before.name != now.name:
-                    return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
-                changed.append(now)
-                inventory_stale = inventory_stale or _inventoried(before) != _inventoried(now)
+        for position in compress(count(), map(is_not, nodes, cached.nodes)):
+            before, now = cached.nodes[position], nodes[position]
+            if before == now:
+                continue
+            if before.name != now.name:
+                return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+            changed.append(now)
+            inventory_stale = inventory_stale or _inventoried(before) != _inventoried(now)
         if not cached.index.reconcile(changed, used, used_changed):
             return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
         inventory = PoolInventory(pool, nodes) if inventory_stale else cached.inventory
@@ -250,16 +285,11 @@ class AdmissionCycle:
         cache: CapacityCache | None = None,
     ) -> None:
         self._now = now
-        nodes_by_pool: dict[str, list[NodeSnapshot]] = defaultdict(list)
-        for node in nodes:
-            nodes_by_pool[node.pool].append(node)
+        running = list(running)
         gangs_by_pool: dict[str, list[RunningGang]] = defaultdict(list)
-        used: dict[str, int] = defaultdict(int)
         for gang in running:
             gangs_by_pool[gang.pool].append(gang)
-            for name, gpus in gang.gpus_by_node.items():
-                used[name] += gpus
-        indexes = (CapacityCache() if cache is None else cache).pools(nodes_by_pool, used)
+        indexes = (CapacityCache() if cache is None else cache).pools(nodes, running)
         self._pools = {
             pool: _PoolQueue(inventory, index, gangs_by_pool[pool])
             for pool, (inventory, index) in indexes.items()
