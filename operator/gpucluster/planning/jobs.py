@@ -6,10 +6,11 @@ what happens to each job."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from functools import cached_property
 from itertools import compress, count
-from operator import is_not
+from operator import attrgetter, is_not
 
 from gpucluster.planning.admission_snapshot import (
     NodeSnapshot,
@@ -74,6 +75,19 @@ class JobView:
     @property
     def gpus(self) -> int:
         return self.workers * self.gpus_per_worker
+
+    @cached_property
+    def fingerprint(self) -> int:
+        """The hash of its fields. Every admission cycle fingerprints every
+        job (lifecycle.planner_inputs), thousands at a time, most the same
+        objects as the cycle before: frozen, so hashed once."""
+        return hash(_job_fields(self))
+
+    def __hash__(self) -> int:
+        return self.fingerprint
+
+
+_job_fields = attrgetter(*(f.name for f in fields(JobView)))
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from gpucluster.planning.conditions import ConditionUpdate
@@ -451,11 +452,15 @@ class PlannerCache:
     capacity: CapacityCache = field(default_factory=CapacityCache)
 
 
+_key = attrgetter("key")
+_fingerprint = attrgetter("fingerprint")
+
+
 def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
     """A fingerprint of what a plan is made from: the jobs, the nodes (as
     the index sees them: heartbeats do not change them), GPUs held by other
     pods, and the worker pods of each job, counted."""
-    return hash((tuple(sorted(views, key=lambda v: v.key)), tuple(facts.nodes.values()),
+    return hash((tuple(map(_fingerprint, sorted(views, key=_key))), tuple(map(_fingerprint, facts.nodes.values())),
                  frozenset(facts.foreign_gpus.items()),
                  frozenset((key, len(pods), sum(p.terminating for p in pods)) for key, pods in facts.pods.items())))
 

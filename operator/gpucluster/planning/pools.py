@@ -63,14 +63,14 @@ class ObservedNode:
     provider_topology: tuple[str, str] | None = None
 
     @cached_property
-    def _fields_hash(self) -> int:
+    def fingerprint(self) -> int:
+        """The hash of its fields. Every admission cycle fingerprints every
+        node (lifecycle.planner_inputs), 25,000 of them, nearly all the same
+        objects as the cycle before: frozen, so hashed once."""
         return hash(_observed_fields(self))
 
     def __hash__(self) -> int:
-        # Every admission cycle hashes every node (lifecycle.planner_inputs),
-        # 25,000 of them, nearly all the same objects as the cycle before:
-        # frozen, so hashed once.
-        return self._fields_hash
+        return self.fingerprint
 
 
 _observed_fields = attrgetter(*(f.name for f in fields(ObservedNode)))

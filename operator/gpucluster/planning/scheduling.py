@@ -202,13 +202,13 @@ class CapacityCache:
     def _count_used(self, running: Sequence[RunningGang]) -> set[str]:
         """Bring the GPUs held per node to `running`; the nodes where they
         may have changed."""
-        gangs = {id(gang): gang for gang in running}
+        gangs = dict(zip(map(id, running), running, strict=True))
         counts = Counter(map(id, running))
+        last = self._gang_counts
         changed: set[str] = set()
-        for gang_id, times in (counts - self._gang_counts).items():
-            self._hold(gangs[gang_id], times, changed)
-        for gang_id, times in (self._gang_counts - counts).items():
-            self._hold(self._gangs[gang_id], -times, changed)
+        for gang_id in {gang_id for gang_id, _ in counts.items() ^ last.items()}:
+            gang = gangs[gang_id] if gang_id in gangs else self._gangs[gang_id]
+            self._hold(gang, counts[gang_id] - last[gang_id], changed)
         self._gangs, self._gang_counts = gangs, counts
         return changed
 
