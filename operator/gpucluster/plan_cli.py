@@ -231,7 +231,7 @@ def plan_job(manifest: dict[str, Any], api: kubernetes.client.ApiClient) -> tupl
                                        node=pod["spec"].get("nodeName", ""),
                                        phase=(pod.get("status") or {}).get("phase", "Pending"), gpus=0,
                                        terminating=bool(meta.get("deletionTimestamp"))))
-        facts = ClusterFacts(nodes=nodes, pods=pods, products={p.name: p.gpu for p in pools},
+        facts = ClusterFacts(nodes={n.name: n for n in nodes}, pods=pods, products={p.name: p.gpu for p in pools},
                              desired_nodes={p.name: p.nodes for p in pools})
         cycle = admission_cycle(views, facts, now, judge=())
         plan = cycle.plan

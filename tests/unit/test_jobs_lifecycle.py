@@ -7,9 +7,11 @@ import dataclasses
 from gpucluster.planning.jobs import (
     JobShape,
     JobView,
+    NodeSnapshots,
     Phase,
     PoolFacts,
     Problem,
+    RunningGangs,
     WorkerPod,
     admission_inputs,
     choose_pool,
@@ -107,3 +109,38 @@ def test_admission_inputs_count_pods_of_old_attempts_finished_and_deleted_jobs()
     assert {g.key: (dict(g.gpus_by_node), g.evicting) for g in gangs} == {
         "ns/a": ({"n0": 8}, False), "ns/a#leftover": ({"n3": 8}, True),
         "ns/f#leftover": ({"n1": 8}, True), "ns/gone#leftover": ({"n2": 8}, True)}
+
+
+def test_node_snapshots_are_kept_for_nodes_that_did_not_change() -> None:
+    """The capacity cache passes over a node whose snapshot is the very
+    object of the last cycle; every change to what the planner reads of a
+    node makes a new one."""
+    products = {"h100": "H100-80GB-HBM3"}
+    snapshots = NodeSnapshots()
+    first = snapshots.of(NODES.values(), products, {})
+    cordoned = dict(NODES, n1=dataclasses.replace(NODES["n1"], cordoned=True),
+                    n2=dataclasses.replace(NODES["n2"]))  # equal, not the same object
+    second = snapshots.of(cordoned.values(), products, {"n3": 2})
+    assert [a is b for a, b in zip(first, second, strict=True)] == [True, False, True, False]
+    assert not second[1].schedulable and second[3].allocatable_gpus == 6
+    assert snapshots.of([cordoned["n0"]], products, {"n3": 2}) == [first[0]]
+    again = snapshots.of(cordoned.values(), products, {"n3": 2})
+    assert again[0] is first[0] and again[1] is not second[1] and again[1] == second[1]  # forgotten while gone
+    reordered = snapshots.of(reversed(cordoned.values()), products, {"n3": 2})
+    assert [a is b for a, b in zip(again, reversed(reordered), strict=True)] == [True] * 4
+    assert snapshots.of(cordoned.values(), {"h100": "H100-SXM"}, {"n3": 2})[0].gpu_product == "H100-SXM"
+
+
+def test_running_gangs_are_kept_while_their_job_is_the_same() -> None:
+    """The capacity cache counts the GPUs of only the gangs that are new
+    objects; a gang whose job or end changed is new."""
+    running, other = gang(key="ns/a"), gang(key="ns/b", nodes=("n2", "n3"))
+    gangs = RunningGangs()
+    first = gangs.of([running, other], now=0.0)
+    moved = dataclasses.replace(other, nodes=("n2", "n2"))
+    second = gangs.of([dataclasses.replace(running), moved], now=10.0)
+    assert second[0] is first[0] and second[1] is not first[1]
+    assert dict(second[1].gpus_by_node) == {"n2": 16}
+    unadmitted = gang(key="ns/c", first_admitted_at=None, deadline_seconds=600)  # its end moves with now
+    assert gangs.of([unadmitted], now=0.0)[0].ends_by == 600.0
+    assert gangs.of([unadmitted], now=5.0)[0].ends_by == 605.0

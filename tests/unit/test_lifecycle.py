@@ -200,7 +200,7 @@ def test_transition_default_is_nothing() -> None:
 def test_a_plan_whose_inputs_did_not_change_is_skipped() -> None:
     from gpucluster.planning.lifecycle import ClusterFacts, admission_cycle
 
-    facts = ClusterFacts(nodes=list(NODES.values()), pods={"ns/job": [pod(0), pod(1)]},
+    facts = ClusterFacts(nodes=NODES, pods={"ns/job": [pod(0), pod(1)]},
                          products={"h100": "H100"}, desired_nodes={"h100": 4})
     waiting = job(Phase.QUEUED, key="ns/big", name="big", workers=3, nodes=(), queue_position=1)
     jobs = [job(), waiting]
@@ -227,7 +227,7 @@ def test_a_head_waiting_on_limited_gangs_shows_its_start_bound_and_lets_short_jo
     it on the head's reserved nodes; the job's bound goes once it is admitted."""
     from gpucluster.planning.lifecycle import ClusterFacts, admission_cycle
 
-    facts = ClusterFacts(nodes=list(NODES.values()), pods={"ns/job": [pod(0), pod(1)]},
+    facts = ClusterFacts(nodes=NODES, pods={"ns/job": [pod(0), pod(1)]},
                          products={"h100": "H100"}, desired_nodes={"h100": 4})
     running = job(deadline_seconds=3600)
     head = job(Phase.QUEUED, key="ns/big", name="big", workers=4, nodes=(), first_admitted_at=None, arrival=1.0)

@@ -12,6 +12,7 @@ from typing import Any
 from gpucluster.planning.jobs import ACTIVE_PHASES, JobView, Problem, WorkerPod
 from gpucluster.planning.lifecycle import (
     ClusterFacts,
+    PlannerCache,
     SpecJudged,
     Transition,
     admission_cycle,
@@ -50,6 +51,7 @@ class World:
         name: ObservedNode(name=name, pool=pool, ordinal=i, block="b0", rack=f"r{i // 2}", gpus=GPUS_PER_NODE)
         for pool, names_ in POOLS.items() for i, name in enumerate(names_)})
     submitted: int = 0
+    planner_cache: PlannerCache = dataclasses.field(default_factory=PlannerCache)
 
     def apply(self, view: JobView, transition: Transition) -> None:
         if transition.delete_pods:
@@ -68,12 +70,14 @@ class World:
         pods: dict[str, list[WorkerPod]] = defaultdict(list)
         for p in self.pods:
             pods[p.job_key].append(p.worker())
-        return ClusterFacts(nodes=list(self.nodes.values()), pods=pods,
+        return ClusterFacts(nodes=dict(self.nodes), pods=pods,
                             products={"h100": "H100", "h200": "H200"},
                             desired_nodes={pool: len(n) for pool, n in POOLS.items()})
 
     def cycle(self) -> None:
-        cycle = admission_cycle(list(self.jobs.values()), self.facts(), self.now)
+        jobs, facts = list(self.jobs.values()), self.facts()
+        cycle = admission_cycle(jobs, facts, self.now, cache=self.planner_cache)
+        assert cycle == admission_cycle(jobs, facts, self.now), "the planner's cache changed a decision"
         for key in cycle.orphans:
             self.end_pods(key)
         for view, transition in cycle.transitions:

@@ -350,4 +350,6 @@ async def cluster_deleted(*, name: str, body: Any, memo: Any, claims_by_cluster:
     if karpenter:
         raise kopf.TemporaryError(f"deleted the NodePools; waiting for Karpenter to remove {len(karpenter)} "
                                   f"nodes ({_names_summary(karpenter)})", delay=5)
-    state_of(memo).reconcile_locks.pop(name, None)
+    state = state_of(memo)
+    state.reconcile_locks.pop(name, None)
+    state.planner_caches.pop(name, None)  # as large as the cluster's nodes: not kept past it

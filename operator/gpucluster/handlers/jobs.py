@@ -276,13 +276,19 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         pods = _worker_pods(views, nodes, workers_by_job)
         if not views and not pods:
             return
-        facts = ClusterFacts(nodes=nodes, pods=pods, products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
+        facts = ClusterFacts(nodes={n.name: n for n in nodes}, pods=pods,
+                             products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
                              desired_nodes={p["name"]: int(p["nodes"]) for p in spec.get("pools", [])},
                              foreign_gpus=foreign)
         last = state.last_plans.get(name)
         fresh = last is not None and now - last[1] < REPLAN_INTERVAL_S
         started = time.perf_counter()
-        cycle = admission_cycle(views, facts, now, unchanged_since=last[0] if last and fresh else None)
+        try:
+            cycle = admission_cycle(views, facts, now, unchanged_since=last[0] if last and fresh else None,
+                                    cache=state.planner_cache(name))
+        except Exception:
+            state.planner_caches.pop(name, None)  # one that failed half-way may have left it half-updated
+            raise
         if cycle.plan is not None:
             metrics.admission_decision_seconds.labels(name).observe(time.perf_counter() - started)
             state.last_plans[name] = (cycle.inputs, now)

@@ -15,7 +15,7 @@ import fnmatch
 import logging
 from typing import Any
 
-from gpucluster.planning.lifecycle import Assumed
+from gpucluster.planning.lifecycle import Assumed, PlannerCache
 from gpucluster.planning.remediation import UnseenWrites
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class OperatorState:
     job_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
     # Per TrainingCluster: the fingerprint of its last plan's inputs, and when.
     last_plans: dict[str, tuple[int | None, float]] = dataclasses.field(default_factory=dict)
+    # Per TrainingCluster: the planner's node snapshots and capacity indexes,
+    # carried from one admission cycle to the next (used under its job lock).
+    planner_caches: dict[str, PlannerCache] = dataclasses.field(default_factory=dict)
     # One lock per TrainingCluster: its create, update and resume handlers and
     # its resync timer run one reconcile at a time.
     reconcile_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
@@ -83,6 +86,9 @@ class OperatorState:
 
     def job_lock(self, cluster: str) -> asyncio.Lock:
         return self.job_locks.setdefault(cluster, asyncio.Lock())
+
+    def planner_cache(self, cluster: str) -> PlannerCache:
+        return self.planner_caches.setdefault(cluster, PlannerCache())
 
     def reconcile_lock(self, cluster: str) -> asyncio.Lock:
         return self.reconcile_locks.setdefault(cluster, asyncio.Lock())

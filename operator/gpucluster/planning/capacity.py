@@ -16,7 +16,9 @@ Cost. Building the index: one sort of the nodes and one pass over them. A
 worker size's view, on first use: one pass over the racks and a sort of the
 racks and of the blocks. Taking, releasing or masking GPUs on a set of nodes:
 a few bisections and memmoves per node, and per worker size viewed, per rack
-and block touched (not per node), never a scan of the pool.
+and block touched (not per node), never a scan of the pool. Reconciling it
+with the next cycle's nodes and GPUs held (`reconcile`): the same, for the
+nodes that changed since, so the index of a pool outlives its cycle.
 
 Every sorted entry is a `SortKey` (amount, preference, position): amount is
 slots for racks and blocks and GPUs for nodes (slots of a node are monotone
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import attrgetter
 
 from gpucluster.planning.admission_snapshot import NodeSnapshot, RunningGang, TopologyLevel
@@ -49,12 +51,13 @@ POOL: Domain = (None, 0)
 
 
 _topology_order = attrgetter("block", "rack", "name")
+_position = attrgetter("position")
 
 
 class IndexedNode:
-    """A node in the index; `masks` > 0 hides its capacity (excluded for the
-    job being placed, or reserved for a blocked head). `free` is the
-    capacity the index holds it at."""
+    """A node in the index; `masks` > 0 hides its capacity (unschedulable,
+    excluded for the job being placed, or reserved for a blocked head).
+    `free` is the capacity the index holds it at."""
 
     __slots__ = ("free", "masks", "position", "rack", "snapshot", "used")
 
@@ -63,8 +66,8 @@ class IndexedNode:
         self.position = position
         self.rack = rack
         self.used = used
-        self.masks = 0
-        self.free = max(0, snapshot.allocatable_gpus - used)
+        self.masks = 0 if snapshot.schedulable else 1
+        self.free = 0 if self.masks else max(0, snapshot.allocatable_gpus - used)
 
     @property
     def name(self) -> str:
@@ -153,16 +156,19 @@ class WorkerSizeView:
 
 
 class CapacityIndex:
-    """Free capacity of a set of nodes (one pool's schedulable nodes).
+    """Free capacity of a set of nodes (one pool's nodes).
 
     `used` is GPUs already held per node name; it may exceed a node's
     allocatable (a GPU failed under a running gang), which leaves it no
-    free capacity rather than a negative one.
+    free capacity rather than a negative one. An unschedulable node is
+    masked from the start: it offers nothing, and it stays in the index so
+    that `reconcile` can bring it back without building a new one.
     """
 
     def __init__(self, nodes: Iterable[NodeSnapshot], used: Mapping[str, int]) -> None:
         ordered = sorted(nodes, key=_topology_order)
         max_capacity = max((node.allocatable_gpus for node in ordered), default=0)
+        self.max_capacity = max_capacity
         self.nodes: list[IndexedNode] = []
         # Pool-wide, the positions of the nodes with each free capacity, in
         # name order: the tightest single node for a small gang. Nodes with
@@ -173,6 +179,10 @@ class CapacityIndex:
         self.blocks: list[Block] = []
         self._by_name: dict[str, IndexedNode] = {}
         self._views: dict[int, WorkerSizeView] = {}
+        # The nodes whose GPUs held or masks changed since the last build or
+        # reconcile (the cycle's takes, releases and masks): `reconcile`
+        # undoes them.
+        self._touched: set[IndexedNode] = set()
         block: Block | None = None
         rack: Rack | None = None
         for snapshot in ordered:
@@ -251,6 +261,36 @@ class CapacityIndex:
     def unmask(self, names: Iterable[str]) -> None:
         self._change((node, 0, -1) for node in map(self._by_name.get, names) if node is not None)
 
+    def reconcile(
+        self, changed: Sequence[NodeSnapshot], used: Mapping[str, int], used_changed: Iterable[str]
+    ) -> bool:
+        """Make this index what a new one over its nodes would be, with
+        `changed` in place of their earlier snapshots and `used` GPUs held
+        per node, where `used_changed` names every node whose GPUs held may
+        differ from those of the last build or reconcile (others' names are
+        passed over): every take, release and mask since then is undone.
+        False, with nothing changed, when a changed node is not one of its
+        nodes at the same rack and block, or has more GPUs than the index
+        was built for: then build a new one."""
+        by_name = self._by_name
+        for snapshot in changed:
+            node = by_name.get(snapshot.name)
+            if node is None or (snapshot.block, snapshot.rack) != (node.snapshot.block, node.snapshot.rack) \
+                    or snapshot.allocatable_gpus > self.max_capacity:
+                return False
+        stale = set(self._touched)
+        for snapshot in changed:
+            node = by_name[snapshot.name]
+            node.snapshot = snapshot
+            stale.add(node)
+        stale.update(node for node in map(by_name.get, used_changed) if node is not None)
+        self._change(
+            (node, used.get(node.name, 0) - node.used, (0 if node.snapshot.schedulable else 1) - node.masks)
+            for node in sorted(stale, key=_position)
+        )
+        self._touched.clear()
+        return True
+
     def _change(self, changes: Iterable[tuple[IndexedNode, int, int]]) -> None:
         """Apply (node, used change, mask change) for several nodes, then
         re-sort each rack and block they touched once, not once per node:
@@ -258,7 +298,9 @@ class CapacityIndex:
         # Per rack touched: its preference before, and each node's
         # (old, new) capacity.
         touched: dict[Rack, tuple[int, list[tuple[int, int]]]] = {}
+        touched_nodes = self._touched
         for node, used_change, mask_change in changes:
+            touched_nodes.add(node)
             old = node.free
             node.used += used_change
             node.masks += mask_change

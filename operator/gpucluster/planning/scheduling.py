@@ -40,13 +40,23 @@ time limits). A head that cannot fit even once every running gang has ended
 (nodes cordoned or excluded) gets no reservation -- holding nodes back could
 not help it -- and backfill goes on until the pool changes. Only the head
 reserves or preempts; a job behind it waits its turn to become the head.
+
+Between cycles. At 25,000 nodes, building each pool's inventory and capacity
+index costs several times what the decisions do, and from one cycle to the
+next only a few nodes change. A `CapacityCache`, owned by the caller and
+passed to every cycle of one cluster, keeps them and reconciles the index
+with the next cycle's nodes and running gangs (see `CapacityIndex.
+reconcile`); a pool whose nodes were added, removed, reordered or moved in
+the topology is built anew. A plan with the cache is the plan without it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress, count
+from operator import is_not
 from typing import Literal
 
 from gpucluster.planning.admission_snapshot import (
@@ -66,6 +76,7 @@ from gpucluster.planning.reservation import place_after_fewest_ends
 __all__ = [
     "AdmissionCycle",
     "AdmissionPlan",
+    "CapacityCache",
     "Decision",
     "NodeSnapshot",
     "PendingJob",
@@ -128,25 +139,124 @@ def plan_admissions(
     pending: Iterable[PendingJob],
     *,
     now: float,
+    cache: CapacityCache | None = None,
 ) -> AdmissionPlan:
     """Decide one admission cycle. `now` is on the clock of
-    `RunningGang.admitted_at` (seconds); it prices preemption."""
-    cycle = AdmissionCycle(nodes, running, now=now)
+    `RunningGang.admitted_at` (seconds); it prices preemption. `cache`
+    carries the pools' indexes over from the last cycle it was given to."""
+    cycle = AdmissionCycle(nodes, running, now=now, cache=cache)
     for job in queue_order(pending):
         cycle.decide(job)
     return cycle.plan()
 
 
+@dataclass
+class _CachedPool:
+    nodes: list[NodeSnapshot]  # as the last cycle listed them
+    inventory: PoolInventory
+    index: CapacityIndex
+
+
+class CapacityCache:
+    """Each pool's inventory and capacity index, kept from one cycle to the
+    next. Plain data owned by the caller: one per cluster, given to one
+    cycle at a time (a cycle changes the indexes as it decides).
+
+    Cost per cycle at 25,000 nodes: when the snapshots are the very objects
+    of the last cycle (planning.jobs.NodeSnapshots) and most gangs too
+    (planning.jobs.RunningGangs), comparisons in C pass over them and only
+    the gangs that started or ended since, and the nodes the last cycle's
+    decisions touched, are looked at in Python."""
+
+    def __init__(self) -> None:
+        self._nodes: list[NodeSnapshot] = []
+        self._pools: dict[str, _CachedPool] = {}
+        # The last cycle's gangs, by id (kept, so that no other object takes
+        # an id while it is here) and how often each was listed, and the
+        # GPUs they hold per node.
+        self._gangs: dict[int, RunningGang] = {}
+        self._gang_counts: Counter[int] = Counter()
+        self._used: dict[str, int] = {}
+
+    def pools(
+        self, nodes: Iterable[NodeSnapshot], running: Sequence[RunningGang]
+    ) -> dict[str, tuple[PoolInventory, CapacityIndex]]:
+        """The inventory and index of each pool for this cycle's nodes and
+        running gangs; pools gone are forgotten."""
+        nodes = list(nodes)
+        used_changed = self._count_used(running)
+        if nodes == self._nodes:
+            for cached in self._pools.values():
+                cached.index.reconcile((), self._used, used_changed)
+        else:
+            nodes_by_pool: dict[str, list[NodeSnapshot]] = defaultdict(list)
+            for node in nodes:
+                nodes_by_pool[node.pool].append(node)
+            self._pools = {
+                pool: self._reconciled(pool, pool_nodes, used_changed)
+                for pool, pool_nodes in nodes_by_pool.items()
+            }
+            self._nodes = nodes
+        return {pool: (cached.inventory, cached.index) for pool, cached in self._pools.items()}
+
+    def _count_used(self, running: Sequence[RunningGang]) -> set[str]:
+        """Bring the GPUs held per node to `running`; the nodes where they
+        may have changed."""
+        gangs = dict(zip(map(id, running), running, strict=True))
+        counts = Counter(map(id, running))
+        last = self._gang_counts
+        changed: set[str] = set()
+        for gang_id in {gang_id for gang_id, _ in counts.items() ^ last.items()}:
+            gang = gangs[gang_id] if gang_id in gangs else self._gangs[gang_id]
+            self._hold(gang, counts[gang_id] - last[gang_id], changed)
+        self._gangs, self._gang_counts = gangs, counts
+        return changed
+
+    def _hold(self, gang: RunningGang, times: int, changed: set[str]) -> None:
+        used = self._used
+        for name, gpus in gang.gpus_by_node.items():
+            held = used.get(name, 0) + times * gpus
+            if held:
+                used[name] = held
+            else:
+                used.pop(name, None)
+            changed.add(name)
+
+    def _reconciled(self, pool: str, nodes: list[NodeSnapshot], used_changed: set[str]) -> _CachedPool:
+        used = self._used
+        cached = self._pools.get(pool)
+        if cached is None or len(cached.nodes) != len(nodes):
+            return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+        changed = []
+        inventory_stale = False
+        for position in compress(count(), map(is_not, nodes, cached.nodes)):
+            before, now = cached.nodes[position], nodes[position]
+            if before == now:
+                continue
+            if before.name != now.name:
+                return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+            changed.append(now)
+            inventory_stale = inventory_stale or _inventoried(before) != _inventoried(now)
+        if not cached.index.reconcile(changed, used, used_changed):
+            return _CachedPool(nodes, PoolInventory(pool, nodes), CapacityIndex(nodes, used))
+        inventory = PoolInventory(pool, nodes) if inventory_stale else cached.inventory
+        return _CachedPool(nodes, inventory, cached.index)
+
+
+def _inventoried(node: NodeSnapshot) -> tuple[str, int, str, str]:
+    """What `PoolInventory` reads of a node."""
+    return (node.gpu_product, node.allocatable_gpus, node.block, node.rack)
+
+
 class _PoolQueue:
     def __init__(
         self,
-        pool: str,
-        nodes: Sequence[NodeSnapshot],
+        inventory: PoolInventory,
+        index: CapacityIndex,
         gangs: Sequence[RunningGang],
-        used: Mapping[str, int],
     ) -> None:
-        self.inventory = PoolInventory(pool, nodes)
-        self.index = CapacityIndex((node for node in nodes if node.schedulable), used)
+        self.inventory = inventory
+        self.index = index
         self.gangs = gangs
         # Jobs admitted this cycle, as the gangs they are about to become: a
         # head behind them may have to wait for them to end too.
@@ -163,24 +273,26 @@ class _PoolQueue:
 class AdmissionCycle:
     """One cycle, decided one job at a time: `plan_admissions` in steps, so
     a caller (the benchmark) can observe each decision. Jobs of a pool must
-    be decided in queue order; the capacity index is built once here."""
+    be decided in queue order; the capacity indexes are built (or taken
+    from `cache` and reconciled) once here."""
 
     def __init__(
-        self, nodes: Iterable[NodeSnapshot], running: Iterable[RunningGang], *, now: float
+        self,
+        nodes: Iterable[NodeSnapshot],
+        running: Iterable[RunningGang],
+        *,
+        now: float,
+        cache: CapacityCache | None = None,
     ) -> None:
         self._now = now
-        nodes_by_pool: dict[str, list[NodeSnapshot]] = defaultdict(list)
-        for node in nodes:
-            nodes_by_pool[node.pool].append(node)
+        running = list(running)
         gangs_by_pool: dict[str, list[RunningGang]] = defaultdict(list)
-        used: dict[str, int] = defaultdict(int)
         for gang in running:
             gangs_by_pool[gang.pool].append(gang)
-            for name, gpus in gang.gpus_by_node.items():
-                used[name] += gpus
+        indexes = (CapacityCache() if cache is None else cache).pools(nodes, running)
         self._pools = {
-            pool: _PoolQueue(pool, pool_nodes, gangs_by_pool[pool], used)
-            for pool, pool_nodes in nodes_by_pool.items()
+            pool: _PoolQueue(inventory, index, gangs_by_pool[pool])
+            for pool, (inventory, index) in indexes.items()
         }
         self._decided: set[str] = set()
         self._admissions: dict[str, tuple[str, ...]] = {}
