@@ -44,11 +44,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 32
 
 
-@kopf.on.probe(id="indexes")
-def indexes_ready(**_: Any) -> bool:
-    return True
-
-
 def add_parser(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="run the operator (Kopf) against the current cluster")
     scope = run.add_mutually_exclusive_group()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from gpucluster.agent.exporter import DcgmCollector
-from gpucluster.agent.fleet import Fleet, FleetRunner, NodeWatcher
+from gpucluster.agent.fleet import Fleet, FleetRunner, fleet_watcher
 from gpucluster.agent.nodestatus import KubeNodeClient, connect
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
@@ -53,7 +53,7 @@ NOT_KWOK = f"fleet-{RUN}-real-0"
 def start_fleet(kubeconfig: str) -> FleetRunner:
     core = connect(kubeconfig, pool_size=6)
     fleet = Fleet(KubeNodeClient(core))
-    watcher = NodeWatcher(core, fleet, node_selector=SELECTOR, watch_timeout_s=30)
+    watcher = fleet_watcher(core, fleet, node_selector=SELECTOR, watch_timeout_s=30)
     runner = FleetRunner(fleet, watcher, interval=1.0, writers=4)
     runner.start()
     return runner

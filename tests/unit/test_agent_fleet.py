@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from gpucluster.agent import fleet as fleet_module
 from gpucluster.agent.exporter import DcgmCollector
-from gpucluster.agent.fleet import Fleet, FleetRunner, NodeWatcher, gpu_count
+from gpucluster.agent.fleet import Fleet, FleetRunner, fleet_watcher, gpu_count
 from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
 from gpucluster.agent.nodestatus import MemoryNodeClient, gpu_condition_of
+from gpucluster.kube.watch import NodeWatcher
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_KWOK_NODE,
@@ -321,7 +322,7 @@ def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
         ],
         on_exhausted=lambda: watcher.stop(),
     )
-    watcher = NodeWatcher(core, fleet, node_selector="pool=h100")  # type: ignore[arg-type]
+    watcher = fleet_watcher(core, fleet, node_selector="pool=h100")  # type: ignore[arg-type]
     watcher.run()
     assert watcher.synced.is_set()
     assert fleet.node_names() == ["b"]  # c came and went with the relist
@@ -339,7 +340,7 @@ def test_fleet_runner_threads_write_the_listed_nodes() -> None:
     fleet = Fleet(api)
     core = FakeCore(pages=[([api.get(f"n{i}") for i in range(3)], None)], watches=[],
                     on_exhausted=lambda: time.sleep(0.05))
-    runner = FleetRunner(fleet, NodeWatcher(core, fleet), interval=0.05,  # type: ignore[arg-type]
+    runner = FleetRunner(fleet, fleet_watcher(core, fleet), interval=0.05,  # type: ignore[arg-type]
                          writers=2)
     runner.start()
     try:

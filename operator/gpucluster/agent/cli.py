@@ -156,12 +156,12 @@ def _run_fleet(args: argparse.Namespace) -> int:
         log.error("--fleet needs the API server: it finds its nodes there")
         return 2
     from gpucluster.agent.exporter import DcgmCollector, serve_metrics
-    from gpucluster.agent.fleet import Fleet, FleetRunner, NodeWatcher
+    from gpucluster.agent.fleet import Fleet, FleetRunner, fleet_watcher
     from gpucluster.agent.nodestatus import KubeNodeClient, connect
 
     core = connect(args.kubeconfig, args.in_cluster or None, pool_size=args.writers + 2)
     fleet = Fleet(KubeNodeClient(core))
-    watcher = NodeWatcher(core, fleet, node_selector=args.node_selector)
+    watcher = fleet_watcher(core, fleet, node_selector=args.node_selector)
     runner = FleetRunner(fleet, watcher, interval=args.interval, writers=args.writers)
     metrics = serve_metrics(DcgmCollector(fleet.snapshot), args.metrics_port)
     log.info("fleet agent: /metrics on :%d", metrics.port)

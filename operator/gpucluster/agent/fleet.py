@@ -22,7 +22,6 @@ Built to stay cheap at thousands of nodes:
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -45,7 +44,7 @@ from gpucluster.agent.nodestatus import (
     gpu_condition_of,
     node_matches,
 )
-from gpucluster.kube.client import read_reply
+from gpucluster.kube.watch import NodeWatcher
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_KWOK_NODE,
@@ -316,95 +315,13 @@ def _as_written(
     return {"metadata": {"annotations": annotations}, "status": {"conditions": [condition]}}
 
 
-class NodeWatcher:
-    """Lists, then watches, the Nodes with a GPU product label and feeds them
-    to a Fleet; lists again when the watch expires (410 Gone) or breaks.
+def fleet_watcher(core: kubernetes.client.CoreV1Api, fleet: Fleet, *, node_selector: str = "",
+                  **options: Any) -> NodeWatcher:
+    """The watch of the Nodes with a GPU product label that feeds a Fleet.
     `node_selector` narrows the nodes further (a label selector), to split
     a fleet over several processes or to keep a test to its own nodes."""
-
-    def __init__(
-        self,
-        core: kubernetes.client.CoreV1Api,
-        fleet: Fleet,
-        *,
-        node_selector: str = "",
-        page_size: int = 500,
-        watch_timeout_s: int = 300,
-    ) -> None:
-        self._core = core
-        self._fleet = fleet
-        self._selector = ",".join(filter(None, (LABEL_GPU_PRODUCT, node_selector)))
-        self._page_size = page_size
-        self._watch_timeout_s = watch_timeout_s
-        self._stop = threading.Event()
-        self._response: Any = None
-        self.synced = threading.Event()  # set once the first list is in
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                resource_version: str | None = self._list()
-                self.synced.set()
-                while not self._stop.is_set() and resource_version is not None:
-                    resource_version = self._watch(resource_version)
-            except Exception as err:
-                if self._stop.is_set():
-                    return
-                log.warning("watching nodes failed, listing again: %s", err)
-                self._stop.wait(2.0)
-
-    def stop(self) -> None:
-        self._stop.set()
-        response = self._response
-        if response is not None:
-            # Unblocks the read the watch thread is waiting in.
-            try:
-                response.shutdown()
-            except (AttributeError, ValueError, RuntimeError, OSError):
-                response.close()
-
-    def _list(self) -> str:
-        nodes: list[dict[str, Any]] = []
-        token = None
-        while True:
-            response: Any = self._core.list_node(
-                label_selector=self._selector, limit=self._page_size,
-                _continue=token, _preload_content=False,
-            )
-            page = json.loads(read_reply(response))
-            nodes.extend(page.get("items") or [])
-            token = page["metadata"].get("continue")
-            if not token:
-                self._fleet.replace_all(nodes)
-                return str(page["metadata"]["resourceVersion"])
-
-    def _watch(self, resource_version: str) -> str | None:
-        """Follows the watch from a version; returns the version to follow on
-        from, or None when the watch expired and the fleet must list again."""
-        self._response = self._core.list_node(
-            label_selector=self._selector, watch=True, allow_watch_bookmarks=True,
-            resource_version=resource_version, timeout_seconds=self._watch_timeout_s,
-            _preload_content=False,
-        )
-        try:
-            for line in self._response:
-                if self._stop.is_set():
-                    return None
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, node = event["type"], event["object"]
-                if kind == "ERROR":
-                    # 410 Gone: the version is too old to watch from.
-                    log.info("node watch ended: %s", node.get("message"))
-                    return None
-                resource_version = node["metadata"]["resourceVersion"]
-                if kind != "BOOKMARK":
-                    self._fleet.observe(kind, node)
-        finally:
-            response, self._response = self._response, None
-            response.release_conn()
-        return resource_version
+    return NodeWatcher(core, fleet, label_selector=",".join(filter(None, (LABEL_GPU_PRODUCT, node_selector))),
+                       **options)
 
 
 class FleetRunner:

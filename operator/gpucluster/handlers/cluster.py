@@ -244,15 +244,15 @@ async def _write_status(name: str, body: Any, status: dict[str, Any]) -> None:
                api.PLURAL, name, {"status": status})
 
 
-async def reconcile(state: OperatorState, name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                    pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
-                    logger: Any) -> None:
+async def reconcile(state: OperatorState, name: str, pods_by_node: kopf.Index[str, str],
+                    claims_by_cluster: kopf.Index[str, ObservedClaim], logger: Any) -> None:
+    await state.nodes.synced.wait()
     async with state.reconcile_lock(name):
         started = time.monotonic()
         try:
             while True:
                 try:
-                    await _reconcile_once(name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
+                    await _reconcile_once(name, state.nodes.get(name), pods_by_node, claims_by_cluster, logger)
                     break
                 except _SpecChanged:
                     logger.info("spec changed during scale-up; planning again from the newest")
@@ -264,7 +264,7 @@ async def reconcile(state: OperatorState, name: str, nodes_by_cluster: kopf.Inde
                 time.monotonic() - started)
 
 
-async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedNode],
+async def _reconcile_once(name: str, nodes: Iterable[ObservedNode],
                           pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
                           logger: Any) -> None:
     body = await read_cluster(name)
@@ -282,7 +282,7 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
             body["metadata"].get("generation", 0))})
         return
     pools = {p.name: p for p in spec.pools}
-    owned = owned_nodes(nodes_by_cluster, pods_by_node, name)
+    owned = owned_nodes(nodes, pods_by_node)
     plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
     for pool in spec.pools:
         if pool.provider == api.Provider.KARPENTER:
@@ -325,18 +325,18 @@ async def _reconcile_once(name: str, nodes_by_cluster: kopf.Index[str, ObservedN
 @kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")  # type: ignore[arg-type]
-async def cluster_changed(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                          pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+async def cluster_changed(*, name: str, memo: Any, pods_by_node: kopf.Index[str, str],
+                          claims_by_cluster: kopf.Index[str, ObservedClaim],
                           logger: Any, **_: Any) -> None:
-    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
+    await reconcile(state_of(memo), name, pods_by_node, claims_by_cluster, logger)
 
 
 @kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,  # type: ignore[arg-type]
             initial_delay=RESYNC_INTERVAL_S)
-async def cluster_resync(*, name: str, memo: Any, nodes_by_cluster: kopf.Index[str, ObservedNode],
-                         pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+async def cluster_resync(*, name: str, memo: Any, pods_by_node: kopf.Index[str, str],
+                         claims_by_cluster: kopf.Index[str, ObservedClaim],
                          logger: Any, **_: Any) -> None:
-    await reconcile(state_of(memo), name, nodes_by_cluster, pods_by_node, claims_by_cluster, logger)
+    await reconcile(state_of(memo), name, pods_by_node, claims_by_cluster, logger)
 
 
 @kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)  # type: ignore[arg-type]

@@ -260,16 +260,16 @@ def _worker_pods(views: Iterable[JobView], nodes: Iterable[ObservedNode],
             id="admission")
 async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: kopf.Index[str, JobView],
                          workers_by_job: kopf.Index[str, WorkerPod],
-                         nodes_by_cluster: kopf.Index[str, ObservedNode],
                          foreign_gpus_by_node: kopf.Index[str, int], **_: Any) -> None:
     state = state_of(memo)
+    await state.nodes.synced.wait()
     async with state.job_lock(name):
         now = time.time()
         indexed = list(jobs_by_cluster.get(name, []))
         others = {k: a for k, a in state.assumed_jobs.items() if a.view.cluster != name}
         views, kept = overlay_assumed(indexed, state.assumed_jobs, now)
         state.assumed_jobs = {**others, **kept}
-        nodes = list(nodes_by_cluster.get(name, []))
+        nodes = list(state.nodes.get(name))
         foreign = {n.name: sum(foreign_gpus_by_node.get(n.name, [])) for n in nodes}
         _export_queue_metrics(name, views, now)
         _export_allocation_metrics(name, spec, nodes, views, foreign)

@@ -3,7 +3,8 @@ node agent judged unhealthy, within each pool's budget.
 
 Each TrainingCluster has one remediation daemon, the only writer of its
 `status.remediation`. A node event whose GPUHealthy condition disagrees with
-the node's quarantine wakes it at once (that is the fault-to-cordon latency);
+the node's quarantine wakes it at once (that is the fault-to-cordon latency:
+the node index asks for the pass);
 events that arrive during a pass fold into the next one, so a storm of faults
 (or the heartbeats of faulty nodes not yet quarantined) costs one plan of the
 pool per pass, not one per event. Without events it passes over every pool
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -160,8 +161,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
 
 
 async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[str] | None,
-                             nodes_by_cluster: kopf.Index[str, ObservedNode],
-                             pods_by_node: kopf.Index[str, str]) -> None:
+                             nodes: Iterable[ObservedNode], pods_by_node: kopf.Index[str, str]) -> None:
     """One pass over the pools in `wanted` (None: every pool) of the cluster."""
     body = await read_cluster(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -171,7 +171,7 @@ async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[
     except pydantic.ValidationError:
         return  # the reconcile reports it (Degraded, InvalidSpec)
     passes.pools = {p.name: passes.pools.get(p.name) or PoolRemediation() for p in spec.pools}
-    owned = owned_nodes(nodes_by_cluster, pods_by_node, name)
+    owned = owned_nodes(nodes, pods_by_node)
     for pool in spec.pools:
         if wanted is not None and pool.name not in wanted:
             continue
@@ -199,15 +199,15 @@ async def _next_pass(passes: ClusterRemediation, stopped: kopf.DaemonStopped) ->
 @kopf.daemon(names.GROUP, names.VERSION, api.PLURAL, id="remediation",  # type: ignore[arg-type]
              cancellation_backoff=10.0, cancellation_timeout=1.0)
 async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: Any,
-                             nodes_by_cluster: kopf.Index[str, ObservedNode],
                              pods_by_node: kopf.Index[str, str], **_: Any) -> None:
     state = state_of(memo)
+    await state.nodes.synced.wait()
     passes = state.remediation[name] = ClusterRemediation()
     wanted: set[str] | None = None
     try:
         while not stopped:
             try:
-                await _remediate_cluster(name, passes, wanted, nodes_by_cluster, pods_by_node)
+                await _remediate_cluster(name, passes, wanted, state.nodes.get(name), pods_by_node)
             except Exception as err:
                 metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()
                 log.exception("remediation pass of %s failed", name)
@@ -217,20 +217,3 @@ async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: An
             del state.remediation[name]
         if stopped.reason is not None and kopf.DaemonStoppingReason.OPERATOR_PAUSING in stopped.reason:
             state.lose_lead()
-
-
-def _needs_attention(body: Any, **_: Any) -> bool:
-    """Cheap filter run on every node event: a GPU fault not yet quarantined,
-    or a quarantine whose fault has cleared."""
-    quarantined = kube_nodes.ANNOTATION_QUARANTINE in (body["metadata"].get("annotations") or {})
-    faulty = any(c.get("type") == names.CONDITION_GPU_HEALTHY and c.get("status") == "False"
-                 for c in (body.get("status") or {}).get("conditions") or [])
-    return faulty != quarantined
-
-
-@kopf.on.event("nodes", labels={names.LABEL_CLUSTER: kopf.PRESENT}, when=_needs_attention)
-async def gpu_health_changed(*, labels: Any, memo: Any, **_: Any) -> None:
-    # No daemon yet: its first pass, at its start, covers every pool.
-    passes = state_of(memo).remediation.get(labels[names.LABEL_CLUSTER])
-    if passes is not None:
-        passes.want(labels.get(names.LABEL_POOL, ""))

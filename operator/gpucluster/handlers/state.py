@@ -15,6 +15,10 @@ import fnmatch
 import logging
 from typing import Any
 
+import kopf
+
+from gpucluster.handlers.indexes import NodeIndex
+from gpucluster.kube import client
 from gpucluster.planning.lifecycle import Assumed, PlannerCache
 from gpucluster.planning.remediation import UnseenWrites
 
@@ -79,6 +83,18 @@ class OperatorState:
     # saw what was deleted meanwhile, and without waiting for them to fill
     # again; a fresh process waits for complete indexes before it acts.
     lead_lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # The cluster's Nodes by TrainingCluster; a node whose GPU health and
+    # quarantine disagree asks its cluster's remediation for a pass.
+    nodes: NodeIndex = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = NodeIndex(on_attention=self._remediation_wanted)
+
+    def _remediation_wanted(self, cluster: str, pool: str) -> None:
+        # No daemon yet: its first pass, at its start, covers every pool.
+        passes = self.remediation.get(cluster)
+        if passes is not None:
+            passes.want(pool)
 
     def serves(self, namespace: str | None) -> bool:
         return not self.served_namespaces or any(
@@ -103,3 +119,20 @@ class OperatorState:
 def state_of(memo: Any) -> OperatorState:
     state: OperatorState = memo.state
     return state
+
+
+@kopf.on.startup()
+async def watch_nodes(memo: Any, **_: Any) -> None:
+    state_of(memo).nodes.start(client.core())
+
+
+@kopf.on.cleanup()
+async def stop_watching_nodes(memo: Any, **_: Any) -> None:
+    state_of(memo).nodes.stop()
+
+
+@kopf.on.probe(id="indexes")
+def indexes_ready(memo: Any, **_: Any) -> bool:
+    """Kopf's own indexes are complete before its handlers run; the node
+    index, a watch of ours, reports here when its first list is in."""
+    return state_of(memo).nodes.synced.is_set()
