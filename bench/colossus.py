@@ -4,12 +4,13 @@ apply to jobs running, measured end to end in one run.
 
     python bench/colossus.py [--nodes 25000] [--jobs 1000] [--png colossus.png]
 
-1. the raw node-create rate on this API server, then the TrainingCluster
-   from apply to every node Ready (ratio raw / operator time);
+1. the raw node-create rate on this API server (on up to 5,000 nodes,
+   `--raw-nodes`), then the TrainingCluster from apply to every node Ready
+   (ratio of the operator's nodes Ready per second to the raw rate);
 2. a job trace (sizes 1 to 2,048 GPUs, three priorities, some required
    topology) submitted at once: submit-to-admitted p50/p99 from watch
-   receive times, admitted jobs/s, and the planner's own decision time from
-   the operator's histogram;
+   receive times, admitted jobs/s, and the planner's time for one job's
+   decision and for a whole cycle, from the operator's histograms;
 3. fatal XIDs through the fleet agent: fault-to-cordon p50/p99 and gangs
    restarted;
 4. the operator restarted: time to its first admission cycle, and no node
@@ -172,6 +173,11 @@ def main() -> int:
     parser.add_argument("--faults", type=int, default=100)
     parser.add_argument("--png", type=Path, default=Path("colossus.png"))
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--raw-nodes", type=int, default=None,
+                        help="nodes the raw side creates for its rate (default: all of --nodes up to 5,000). "
+                             "A raw rate taken on an API server holding fewer nodes is the faster one, so a "
+                             "sample only makes the ratio harder for the operator; at 25,000 nodes it saves "
+                             "creating and deleting 20,000 nodes (about 35 minutes)")
     parser.add_argument("--lease-seconds", type=int, default=None,
                         help="KWOK's node Lease duration, renewed every quarter of it; 0: no Leases, the "
                              "node status posts (one per node about every 300 s) keep nodes Ready. "
@@ -199,9 +205,11 @@ def main() -> int:
         def cpu_now(operator_pid: int) -> tuple[float, float]:
             return cpu_seconds(operator_pid), cpu_seconds(apiserver) if apiserver else 0.0
 
-        print(f"raw node creates: {args.nodes} nodes", file=sys.stderr, flush=True)
-        raw = raw_create(bench, args.nodes, args.timeout)
+        raw_nodes = args.raw_nodes or min(args.nodes, 5000)
+        print(f"raw node creates: {raw_nodes} nodes", file=sys.stderr, flush=True)
+        raw = raw_create(bench, raw_nodes, args.timeout)
         wait_gone(bench)
+        raw_rate = raw_nodes / raw
         metrics_port = free_port()
         operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                     log=log_dir / "operator.log")
@@ -227,8 +235,9 @@ def main() -> int:
             bench.kubectl("apply", "-f", "-", input=json.dumps(manifest(cluster, args.nodes)))
             wait(lambda: len(nodes.ready) >= args.nodes, args.timeout, f"{args.nodes} nodes Ready")
             ours = time.monotonic() - applied
-            rows.append(("1. nodes Ready: raw s / operator s / ratio", f"{raw:.0f} / {ours:.0f}",
-                         f"{raw / ours:.2f} ({args.nodes / ours:.0f} nodes/s)"))
+            rows.append(("1. nodes Ready/s: raw / operator / ratio", f"{raw_rate:.1f} / {args.nodes / ours:.1f}",
+                         f"{args.nodes / ours / raw_rate:.2f} (raw: {raw_nodes} nodes in {raw:.0f} s; "
+                         f"operator: {args.nodes} in {ours:.0f} s; aim >= 0.8)"))
             # Ready is where the raw creates stop; a node takes work once the
             # fleet agent has also written GPUHealthy, which the raw side has
             # no counterpart for.
@@ -257,7 +266,14 @@ def main() -> int:
                          f"{percentile(latencies, 0.99):.2f}",
                          f"{len(latencies)} of {len(submitted)} admitted, "
                          f"{len(latencies) / (last - first):.1f} jobs/s"))
-            rows.append(("2. admission cycle p50 / p99 ms",
+            per_job = metric(metrics_port, "gpucluster_admission_job_decision_seconds_bucket")
+            decided = sum(count for key, count in per_job.items() if '"+Inf"' in key)
+            rows.append(("2. one planner decision p50 / p99 ms",
+                         f"{histogram_quantile(per_job, 0.5) * 1000:.2f} / "
+                         f"{histogram_quantile(per_job, 0.99) * 1000:.2f}",
+                         f"one queued job admitted, placed, reserved or left waiting; aim p99 <= 20 ms "
+                         f"({decided:.0f} decisions)"))
+            rows.append(("2. whole admission cycle p50 / p99 ms",
                          f"{histogram_quantile(decisions, 0.5) * 1000:.0f} / "
                          f"{histogram_quantile(decisions, 0.99) * 1000:.0f}", "every queued job judged and decided"))
             usage("2", operator.pid, cpu0)

@@ -58,6 +58,13 @@ admission_decision_seconds = Histogram(
     ["cluster"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
 )
+job_decision_seconds = Histogram(
+    "gpucluster_admission_job_decision_seconds",
+    "Time the planner took to decide one queued job inside an admission cycle (admit, place, "
+    "reserve, preempt or wait), its placement search included.",
+    ["cluster"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
 jobs = Gauge("gpucluster_jobs", "TrainingJobs by phase.", ["cluster", "phase"])
 gang_restarts_total = Counter(
     "gpucluster_gang_restarts_total",

@@ -276,7 +276,8 @@ def metrics_in(expr: str) -> set[str]:
 EXPECTED_PRESENT = {
     "up", "gpucluster_pool_nodes", "gpucluster_pool_gpus", "gpucluster_queue_depth",
     "gpucluster_queue_oldest_wait_seconds", "gpucluster_jobs", "gpucluster_admission_wait_seconds_bucket",
-    "gpucluster_admission_decision_seconds_bucket", "gpucluster_gang_restarts_total",
+    "gpucluster_admission_decision_seconds_bucket", "gpucluster_admission_job_decision_seconds_bucket",
+    "gpucluster_gang_restarts_total",
     "gpucluster_preemptions_total", "gpucluster_reconcile_duration_seconds_bucket",
     "gpucluster_nodes_created_total", "gpucluster_gpu_healthy", "DCGM_FI_DEV_GPU_TEMP",
     "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_XID_ERRORS",

@@ -654,6 +654,20 @@ def test_cycle_reports_each_decision() -> None:
     assert plan.queue_positions == {"head": 1, "fill": 2, "stuck": 3}
 
 
+def test_a_clock_times_each_decision_and_changes_nothing_decided() -> None:
+    nodes = cluster(1, 1, 3)
+    running = [gang("low", whole("b0r0n0"))]
+    jobs = [job("now", 1, 8, priority=9), job("head", 2, 8, priority=5), job("fill", 1, 1, arrival=1),
+            job("never", 1, 16, arrival=2)]
+    ticks = iter(range(100))
+    timed = plan_admissions(nodes, running, jobs, now=HOUR, clock=lambda: float(next(ticks)) ** 2)
+    # Decisions n = 0, 1, 2, 3 start at tick 2n and end at 2n + 1: (2n+1)^2 - (2n)^2 = 4n + 1.
+    assert timed.decision_seconds == (1.0, 5.0, 9.0, 13.0)
+    untimed = plan_admissions(nodes, running, jobs, now=HOUR)
+    assert untimed.decision_seconds == ()
+    assert timed == untimed
+
+
 def test_inputs_are_validated() -> None:
     with pytest.raises(ValueError):
         job("a", 0, 8)

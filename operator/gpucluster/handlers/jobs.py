@@ -285,12 +285,15 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         started = time.perf_counter()
         try:
             cycle = admission_cycle(views, facts, now, unchanged_since=last[0] if last and fresh else None,
-                                    cache=state.planner_cache(name))
+                                    cache=state.planner_cache(name), clock=time.perf_counter)
         except Exception:
             state.planner_caches.pop(name, None)  # one that failed half-way may have left it half-updated
             raise
         if cycle.plan is not None:
             metrics.admission_decision_seconds.labels(name).observe(time.perf_counter() - started)
+            per_job = metrics.job_decision_seconds.labels(name)
+            for seconds in cycle.plan.decision_seconds:
+                per_job.observe(seconds)
             state.last_plans[name] = (cycle.inputs, now)
         for orphan in cycle.orphans:
             namespace, job_name = orphan.split("/", 1)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -467,7 +467,7 @@ def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
 
 def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
                     judge: Collection[str] | None = None, unchanged_since: int | None = None,
-                    cache: PlannerCache | None = None) -> Cycle:
+                    cache: PlannerCache | None = None, clock: Callable[[], float] | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
     assumed by the second, as their writes will be. `judge` limits the
@@ -478,7 +478,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     (at 25,000 nodes a plan costs tens of milliseconds with `cache`,
     more than half a second without). `cache`
     carries the planner's snapshots and indexes over between the cycles of
-    one cluster."""
+    one cluster; `clock` times each job's decision (AdmissionPlan)."""
     views = {v.key: v for v in jobs}
     transitions: list[tuple[JobView, Transition]] = []
 
@@ -503,7 +503,7 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
         views.values(), facts.nodes.values(), pods, facts.products, facts.foreign_gpus, now,
         None if cache is None else cache.nodes, None if cache is None else cache.gangs)
     plan = plan_admissions(snapshot_nodes, running, pending, now=now,
-                           cache=None if cache is None else cache.capacity)
+                           cache=None if cache is None else cache.capacity, clock=clock)
     victims_of: dict[str, list[str]] = {}
     for preemption in plan.preemptions:
         apply(views[preemption.victim], step(views[preemption.victim], Preempt(preemption.preemptor), now))

@@ -53,8 +53,8 @@ the topology is built anew. A plan with the cache is the plan without it.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import compress, count
 from operator import is_not
 from typing import Literal
@@ -126,6 +126,9 @@ class AdmissionPlan:
     queue_positions: Mapping[str, int]
     reservations: Mapping[str, tuple[str, ...]]
     starts_by: Mapping[str, float]
+    # How long each job's decision took, in queue order, when the caller gave
+    # a clock; not part of what was decided.
+    decision_seconds: tuple[float, ...] = field(default=(), compare=False)
 
 
 def queue_order(jobs: Iterable[PendingJob]) -> list[PendingJob]:
@@ -140,14 +143,23 @@ def plan_admissions(
     *,
     now: float,
     cache: CapacityCache | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> AdmissionPlan:
     """Decide one admission cycle. `now` is on the clock of
     `RunningGang.admitted_at` (seconds); it prices preemption. `cache`
-    carries the pools' indexes over from the last cycle it was given to."""
+    carries the pools' indexes over from the last cycle it was given to.
+    With a `clock` (seconds), each job's decision is timed."""
     cycle = AdmissionCycle(nodes, running, now=now, cache=cache)
+    if clock is None:
+        for job in queue_order(pending):
+            cycle.decide(job)
+        return cycle.plan()
+    timings = []
     for job in queue_order(pending):
+        started = clock()
         cycle.decide(job)
-    return cycle.plan()
+        timings.append(clock() - started)
+    return replace(cycle.plan(), decision_seconds=tuple(timings))
 
 
 @dataclass
