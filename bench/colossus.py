@@ -233,7 +233,17 @@ def main() -> int:
             cpu0 = cpu_now(operator.pid)
             applied = time.monotonic()
             bench.kubectl("apply", "-f", "-", input=json.dumps(manifest(cluster, args.nodes)))
-            wait(lambda: len(nodes.ready) >= args.nodes, args.timeout, f"{args.nodes} nodes Ready")
+            custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
+            shown: list[str] = []  # status.nodes, `kubectl get tc`'s NODES column, as it grows
+
+            def all_ready() -> bool:
+                column = (custom.get_cluster_custom_object(names.GROUP, names.VERSION, "trainingclusters",
+                                                           cluster).get("status") or {}).get("nodes", "")
+                if column and (not shown or shown[-1] != column):
+                    shown.append(column)
+                return len(nodes.ready) >= args.nodes
+
+            wait(all_ready, args.timeout, f"{args.nodes} nodes Ready")
             ours = time.monotonic() - applied
             rows.append(("1. nodes Ready/s: raw / operator / ratio", f"{raw_rate:.1f} / {args.nodes / ours:.1f}",
                          f"{args.nodes / ours / raw_rate:.2f} (raw: {raw_nodes} nodes in {raw:.0f} s; "
@@ -244,13 +254,14 @@ def main() -> int:
             wait(lambda: len(nodes.healthy) >= args.nodes, args.timeout, f"{args.nodes} nodes GPUHealthy")
             rows.append(("1. nodes Ready and GPUHealthy s", f"{time.monotonic() - applied:.0f}",
                          "the fleet agent's first health write on each node"))
+            rows.append(("1. kubectl get tc NODES while provisioning", f"{len(shown)} values",
+                         ", ".join(shown[:: max(1, len(shown) // 6)][:6])))
             usage("1", operator.pid, cpu0)
 
             cpu0 = cpu_now(operator.pid)
             trace = list(generate(args.jobs, seed=7, mean_interarrival=0.0001, mean_runtime=3600,
                                   gpus=["H100-80GB-HBM3", "H200-141GB"], max_gpus=2048))
             submitted: dict[str, float] = {}
-            custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
             for job in trace:
                 body = job_manifest(job, cluster)
                 submitted[body["metadata"]["name"]] = time.time()

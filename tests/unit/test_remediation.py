@@ -51,6 +51,21 @@ pools = st.lists(st.builds(NodeHealth, name=st.uuids().map(str), ready=st.boolea
 
 
 @settings(max_examples=400, deadline=None)
+@given(nodes=pools, extra_desired=st.integers(0, 5), budget=st.sampled_from([0, 1, 3, "5%", "50%"]),
+       per_window=st.integers(0, 3), can_replace=st.booleans())
+def test_the_plain_healthy_nodes_only_need_counting(nodes: list[NodeHealth], extra_desired: int,
+                                                   budget: int | str, per_window: int, can_replace: bool) -> None:
+    """The operator passes only the nodes a pass may act on, and the count
+    of all: the plan is the one over every node."""
+    policy = RemediationBudget(budget, max_per_window=per_window, window_seconds=300)
+    desired = len(nodes) + extra_desired
+    looked_at = [n for n in nodes if not n.ready or not n.gpu_healthy or n.quarantined]
+    assert plan_remediation(looked_at, desired, policy, [900.0], 1000.0, can_replace,
+                            present_nodes=len(nodes)) == plan_remediation(nodes, desired, policy, [900.0], 1000.0,
+                                                                          can_replace)
+
+
+@settings(max_examples=400, deadline=None)
 @given(nodes=pools, extra_desired=st.integers(0, 5), budget=st.one_of(st.integers(0, 10), st.sampled_from(
     ["0%", "5%", "10%", "25%", "50%", "100%"])), window=st.lists(st.floats(0, 1000), max_size=10),
        per_window=st.integers(0, 10))

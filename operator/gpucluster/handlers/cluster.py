@@ -11,7 +11,7 @@ status.remediation, and the reconcile only reads it (for Degraded).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -20,7 +20,7 @@ import pydantic
 from gpucluster import metrics, names
 from gpucluster.api import cluster as api
 from gpucluster.handlers import karpenter as karpenter_pools
-from gpucluster.handlers.indexes import owned_nodes
+from gpucluster.handlers.indexes import NodeIndex, owned_nodes
 from gpucluster.handlers.state import OperatorState, state_of
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, core, custom
@@ -73,8 +73,10 @@ def _names_summary(items: Iterable[str], limit: int = 5) -> str:
 
 
 async def _apply(body: Any, shape: PoolShape, pool: api.NodePool, plan: PoolPlan,
-                 already_draining: set[str]) -> list[str]:
-    """Applies one pool's plan; returns error lines (empty when all went well)."""
+                 already_draining: set[str], report: Callable[[], Awaitable[None]]) -> list[str]:
+    """Applies one pool's plan; returns error lines (empty when all went well).
+    `report` writes the status between batches of a long scale-up, so that
+    `kubectl get tc` shows the nodes Ready growing."""
     template = template_of(shape, pool)
     labels = (shape.cluster, shape.name, pool.gpu.value)
     errors: list[str] = []
@@ -90,6 +92,8 @@ async def _apply(body: Any, shape: PoolShape, pool: api.NodePool, plan: PoolPlan
                   message=f"pool {shape.name}: created {created} {pool.gpu.value} nodes "
                           f"({_names_summary(n.name for n in batch)})")
         errors += batch_errors
+        if start + CREATE_BATCH < len(plan.create):
+            await report()
     if plan.delete:
         errors += await kube_nodes.delete_nodes(plan.delete)
         metrics.nodes_deleted_total.labels(*labels).inc(len(plan.delete))
@@ -252,7 +256,7 @@ async def reconcile(state: OperatorState, name: str, pods_by_node: kopf.Index[st
         try:
             while True:
                 try:
-                    await _reconcile_once(name, state.nodes.get(name), pods_by_node, claims_by_cluster, logger)
+                    await _reconcile_once(name, state.nodes, pods_by_node, claims_by_cluster, logger)
                     break
                 except _SpecChanged:
                     logger.info("spec changed during scale-up; planning again from the newest")
@@ -264,7 +268,7 @@ async def reconcile(state: OperatorState, name: str, pods_by_node: kopf.Index[st
                 time.monotonic() - started)
 
 
-async def _reconcile_once(name: str, nodes: Iterable[ObservedNode],
+async def _reconcile_once(name: str, index: NodeIndex,
                           pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
                           logger: Any) -> None:
     body = await read_cluster(name)
@@ -282,7 +286,7 @@ async def _reconcile_once(name: str, nodes: Iterable[ObservedNode],
             body["metadata"].get("generation", 0))})
         return
     pools = {p.name: p for p in spec.pools}
-    owned = owned_nodes(nodes, pods_by_node)
+    owned = owned_nodes(index.get(name), pods_by_node)
     plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
     for pool in spec.pools:
         if pool.provider == api.Provider.KARPENTER:
@@ -305,11 +309,19 @@ async def _reconcile_once(name: str, nodes: Iterable[ObservedNode],
         karpenter = await karpenter_pools.reconcile_pools(
             body, [(shape_of(name, p), p) for p in spec.pools], owned, claims)
         errors = list(karpenter.errors)
+
+        async def report() -> None:
+            now_owned = owned_nodes(index.get(name), pods_by_node)
+            counts = {p.name: count_pool(shape_of(name, p), now_owned.get(p.name, [])) for p in spec.pools}
+            status = _status(body, spec, counts, _budget_exhausted(body, spec), karpenter)
+            await _write_status(name, body, status)
+            body.setdefault("status", {}).update(status)
+
         for shape, plan in plans.values():
             pool = pools[shape.name]
             if not plan.empty:
                 draining = {n.name for n in owned.get(pool.name, []) if n.draining}
-                errors += await _apply(body, shape, pool, plan, draining)
+                errors += await _apply(body, shape, pool, plan, draining, report)
         if errors:
             message = f"{len(errors)} node writes failed: {_names_summary(errors, 3)}"
             kopf.warn(body, reason="NodeWriteFailed", message=message)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -53,6 +54,12 @@ UNSEEN_WRITE_TTL_S = 120.0
 RESYNC_INTERVAL_S = 5.0
 
 
+def needs_a_look(node: ObservedNode) -> bool:
+    """Whether remediation may plan anything for the node: a pass leaves the
+    others (Ready, healthy, not quarantined) to its count of the pool."""
+    return not node.ready or bool(node.gpu_fault) or node.quarantined
+
+
 def health_of(node: ObservedNode) -> NodeHealth:
     return NodeHealth(name=node.name, ready=node.ready, gpu_healthy=not node.gpu_fault,
                       fault_reason=node.gpu_fault, fatal=reason_is_fatal(node.gpu_fault),
@@ -80,11 +87,14 @@ async def _each(names_: Sequence[str], write: Any) -> list[str]:
     return done
 
 
-async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[ObservedNode],
+async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[ObservedNode], present_nodes: int,
                          memory: PoolRemediation) -> RemediationPlan:
     """One remediation pass over one pool; returns the plan it applied.
-    `body` is read just before the pass: this path is the only writer of
-    status.remediation, so it holds every quarantine already counted."""
+    `owned` holds at least the pool's nodes that are not Ready and healthy,
+    or quarantined, or written by an earlier pass (see `needs_a_look`);
+    `present_nodes` counts all of them. `body` is read just before the
+    pass: this path is the only writer of status.remediation, so it holds
+    every quarantine already counted."""
     cluster = body["metadata"]["name"]
     started = time.monotonic()
     now = time.time()
@@ -95,7 +105,8 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
     healths, memory.unseen = overlay_unseen_writes([health_of(n) for n in owned], memory.unseen, now,
                                                    UNSEEN_WRITE_TTL_S)
     plan = plan_remediation(healths, pool.nodes, budget_of(pool), recent, now,
-                            can_replace=pool.provider in REPLACEABLE)
+                            can_replace=pool.provider in REPLACEABLE,
+                            present_nodes=present_nodes - (len(owned) - len(healths)))
     quarantine_writes = dict(memory.unseen.quarantine)
     deletes = dict(memory.unseen.deleted)
     labels = (cluster, pool.name)
@@ -171,12 +182,16 @@ async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[
     except pydantic.ValidationError:
         return  # the reconcile reports it (Degraded, InvalidSpec)
     passes.pools = {p.name: passes.pools.get(p.name) or PoolRemediation() for p in spec.pools}
-    owned = owned_nodes(nodes, pods_by_node)
+    written = {name for memory in passes.pools.values()
+               for name in (*memory.unseen.quarantine, *memory.unseen.deleted)}
+    present = Counter(node.pool for node in nodes)
+    owned = owned_nodes((n for n in nodes if needs_a_look(n) or n.name in written), pods_by_node)
     for pool in spec.pools:
         if wanted is not None and pool.name not in wanted:
             continue
         try:
-            await remediate_pool(body, pool, owned.get(pool.name, []), passes.pools[pool.name])
+            await remediate_pool(body, pool, owned.get(pool.name, []), present[pool.name],
+                                 passes.pools[pool.name])
         except Exception as err:
             # Not retried here: the next pass, within seconds, runs this pool again.
             metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()

@@ -71,15 +71,19 @@ def plan_remediation(
     recent_quarantines: Sequence[float],
     now: float,
     can_replace: bool,
+    present_nodes: int | None = None,
 ) -> RemediationPlan:
-    """One step of remediation for one pool."""
+    """One step of remediation for one pool. `nodes` may leave out nodes
+    that are Ready, healthy and not quarantined (nothing is planned for
+    them) when `present_nodes` counts every node of the pool: at 25,000
+    nodes, a pass during a fault storm then looks at the faulty few."""
     quarantined = [n for n in nodes if n.quarantined]
     release = tuple(n.name for n in quarantined if n.gpu_healthy and n.ready)
     fatal = [n for n in quarantined if not n.gpu_healthy and n.fatal]
     drain = tuple(n.name for n in fatal if n.busy)
     replace = tuple(n.name for n in fatal if not n.busy and can_replace and budget.replace)
 
-    missing = max(0, desired_nodes - len(nodes))
+    missing = max(0, desired_nodes - (len(nodes) if present_nodes is None else present_nodes))
     not_ready = sum(1 for n in nodes if not n.ready and not n.quarantined)
     unavailable = len(quarantined) - len(release) + not_ready + missing
     allowed_by_count = budget.unavailable_allowed(desired_nodes) - unavailable
