@@ -270,13 +270,16 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         views, kept = overlay_assumed(indexed, state.assumed_jobs, now)
         state.assumed_jobs = {**others, **kept}
         nodes = list(state.nodes.get(name))
-        foreign = {n.name: sum(foreign_gpus_by_node.get(n.name, [])) for n in nodes}
+        by_name = {n.name: n for n in nodes}
+        # Only the nodes where other pods hold GPUs: a handful, not 25,000 zeros.
+        foreign = {node: held for node in foreign_gpus_by_node
+                   if node in by_name and (held := sum(foreign_gpus_by_node.get(node, [])))}
         _export_queue_metrics(name, views, now)
         _export_allocation_metrics(name, spec, nodes, views, foreign)
         pods = _worker_pods(views, nodes, workers_by_job)
         if not views and not pods:
             return
-        facts = ClusterFacts(nodes={n.name: n for n in nodes}, pods=pods,
+        facts = ClusterFacts(nodes=by_name, pods=pods,
                              products={p["name"]: p["gpu"] for p in spec.get("pools", [])},
                              desired_nodes={p["name"]: int(p["nodes"]) for p in spec.get("pools", [])},
                              foreign_gpus=foreign)
