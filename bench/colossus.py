@@ -214,9 +214,7 @@ def main() -> int:
         operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                     log=log_dir / "operator.log")
         cluster = "colossus"
-        agent = bench.gpucluster("agent", "--backend", "fake", "--fleet", "--node-selector",
-                                 f"{names.LABEL_CLUSTER}={cluster}", "--metrics-port", "0", "--interval", "5",
-                                 log=log_dir / "agent.log")
+        agent = None
         try:
             nodes = NodeHealthWatch(bench, f"{names.LABEL_CLUSTER}={cluster}")
             jobs = JobWatch(bench)
@@ -245,6 +243,12 @@ def main() -> int:
 
             wait(all_ready, args.timeout, f"{args.nodes} nodes Ready")
             ours = time.monotonic() - applied
+            # The fleet agent starts once every node is Ready: its health
+            # writes load the API server, and the raw side has no agent.
+            agent = bench.gpucluster("agent", "--backend", "fake", "--fleet", "--node-selector",
+                                     f"{names.LABEL_CLUSTER}={cluster}", "--metrics-port", "0", "--interval", "5",
+                                     log=log_dir / "agent.log")
+            agent_started = time.monotonic()
             rows.append(("1. nodes Ready/s: raw / operator / ratio", f"{raw_rate:.1f} / {args.nodes / ours:.1f}",
                          f"{args.nodes / ours / raw_rate:.2f} (raw: {raw_nodes} nodes in {raw:.0f} s; "
                          f"operator: {args.nodes} in {ours:.0f} s; aim >= 0.8)"))
@@ -252,8 +256,9 @@ def main() -> int:
             # fleet agent has also written GPUHealthy, which the raw side has
             # no counterpart for.
             wait(lambda: len(nodes.healthy) >= args.nodes, args.timeout, f"{args.nodes} nodes GPUHealthy")
-            rows.append(("1. nodes Ready and GPUHealthy s", f"{time.monotonic() - applied:.0f}",
-                         "the fleet agent's first health write on each node"))
+            rows.append(("1. GPUHealthy on every node s", f"{time.monotonic() - agent_started:.0f}",
+                         f"the fleet agent's first health write on each node, from its start once all were "
+                         f"Ready ({args.nodes / (time.monotonic() - agent_started):.0f} nodes/s)"))
             rows.append(("1. kubectl get tc NODES while provisioning", f"{len(shown)} values",
                          ", ".join(shown[:: max(1, len(shown) // 6)][:6])))
             usage("1", operator.pid, cpu0)
@@ -333,8 +338,9 @@ def main() -> int:
             sampling.set()
         finally:
             for process in (operator, agent):
-                process.terminate()
-                process.wait(60)
+                if process is not None:
+                    process.terminate()
+                    process.wait(60)
     width = max(len(r[0]) for r in rows)
     for label, value, note in rows:
         print(f"{label:<{width}}  {value:>16}  {note}")

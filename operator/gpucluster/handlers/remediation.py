@@ -30,6 +30,7 @@ from gpucluster.api import cluster as api
 from gpucluster.handlers.indexes import owned_nodes
 from gpucluster.handlers.karpenter import REPLACEABLE, replace_node
 from gpucluster.handlers.state import ClusterRemediation, PoolRemediation, state_of
+from gpucluster.kube import client
 from gpucluster.kube import nodes as kube_nodes
 from gpucluster.kube.client import call, custom, status_of
 from gpucluster.kube.clusters import read_cluster
@@ -216,6 +217,7 @@ async def _next_pass(passes: ClusterRemediation, stopped: kopf.DaemonStopped) ->
 async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: Any,
                              pods_by_node: kopf.Index[str, str], **_: Any) -> None:
     state = state_of(memo)
+    client.LANE.set("remediation")  # this daemon's task, and the writes it starts
     await state.nodes.synced.wait()
     passes = state.remediation[name] = ClusterRemediation()
     wanted: set[str] | None = None
