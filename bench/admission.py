@@ -16,15 +16,18 @@
    is reported on its own, and the *whole cycle* is one `plan_admissions`
    call over the full queue, timed separately without per-decision timers.
 
-2. Utilisation on a simulated trace. Jobs of mixed sizes (the same mix) and
-   log-normal durations (median 1.5 h) arrive as a Poisson stream on a
-   simulated clock, once near the pool's capacity and once well above it;
-   every `CYCLE_SECONDS` the policy looks at the queue. Each job has a
-   run-time limit (spec.activeDeadlineSeconds) as users set them: its
+2. Utilisation on a simulated trace, through `gpucluster simulate`'s engine
+   (gpucluster/sim/engine.py: the operator's lifecycle on a simulated
+   clock) on one pool of 8-GPU nodes (racks of 4, blocks of 8 racks). Jobs
+   of mixed sizes (the same mix) and log-normal durations (median 1.5 h)
+   arrive as a Poisson stream, once near the pool's capacity and once well
+   above it; every `CYCLE_SECONDS` the policy looks at the queue. Each job
+   has a run-time limit (spec.activeDeadlineSeconds) as users set them: its
    duration times a factor drawn from 1 to 3, rounded up to a whole hour.
-   Utilisation is
-   allocated GPU-seconds over available GPU-seconds from the end of a
-   warm-up to the end of arrivals. Policies, all on the same trace:
+   Utilisation is allocated GPU-seconds (a gang's, from its admission to
+   its end) over available GPU-seconds from the end of a warm-up to the end
+   of arrivals, where the run stops with jobs still queued. Policies, all on
+   the same trace, each in `plan_admissions`' place in the lifecycle:
    - planner: `plan_admissions` (topology, best fit, reservation backfill,
      and backfill onto the head's reservation of jobs whose limits end them
      before the head's start);
@@ -53,16 +56,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
+from gpucluster.api.cluster import TrainingClusterSpec
+from gpucluster.planning.lifecycle import Planner
 from gpucluster.planning.scheduling import (
     AdmissionCycle,
+    AdmissionPlan,
     NodeSnapshot,
     PendingJob,
     RunningGang,
@@ -71,6 +75,8 @@ from gpucluster.planning.scheduling import (
     plan_admissions,
     queue_order,
 )
+from gpucluster.sim.engine import JobRecord, Report, Simulation
+from gpucluster.sim.trace import TraceJob, limit_of
 
 NODES_PER_RACK = 4
 RACKS_PER_BLOCK = 8
@@ -221,52 +227,55 @@ def bench_decisions(node_count: int, queue_length: int, cycles: int, seed: int) 
     print("    outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
 
 
-# --- 2. utilisation on a simulated trace ---------------------------------------
+# --- 2. utilisation on a simulated trace: `gpucluster simulate`'s engine ------
 
 
-@dataclass
-class TraceJob:
-    job: PendingJob
-    duration: float
+def bench_cluster(node_count: int) -> TrainingClusterSpec:
+    """One pool of `node_count` nodes x 8 GPUs, racks of 4 nodes, blocks of 8 racks."""
+    return TrainingClusterSpec.model_validate({"pools": [{
+        "name": "h100", "gpu": "H100-80GB-HBM3", "nodes": node_count, "gpusPerNode": GPUS_PER_NODE,
+        "topology": {"nodesPerRack": NODES_PER_RACK, "racksPerBlock": RACKS_PER_BLOCK}}]})
 
 
-@dataclass
-class Simulation:
-    busy_gpu_seconds: float = 0.0
-    waits: dict[str, float] = field(default_factory=dict)
-    broken_required: int = 0
+def first_fit_policy(skip_blocked: bool, keep_levels: bool = False) -> Planner:
+    """A baseline in the planner's place: in queue order, each worker on the
+    first node of its pool, in name order, with room. Not blocking: a job
+    that does not fit is skipped; blocking: it stops its pool's queue.
+    `keep_levels`: a job that requires a block or rack goes first-fit into
+    the first one that holds it; otherwise topology is ignored."""
 
-
-Policy = Callable[[list[NodeSnapshot], list[RunningGang], list[PendingJob], float],
-                  dict[str, tuple[str, ...]]]
-
-
-def planner_policy(
-    nodes: list[NodeSnapshot], running: list[RunningGang], queue: list[PendingJob], now: float
-) -> dict[str, tuple[str, ...]]:
-    return dict(plan_admissions(nodes, running, queue, now=now).admissions)
-
-
-def first_fit_policy(skip_blocked: bool, keep_levels: bool = False) -> Policy:
-    def first_fit(
-        nodes: list[NodeSnapshot], running: list[RunningGang], queue: list[PendingJob], now: float
-    ) -> dict[str, tuple[str, ...]]:
-        free = {node.name: node.allocatable_gpus for node in nodes}
+    def first_fit(nodes: list[NodeSnapshot], running: list[RunningGang], pending: list[PendingJob],
+                  now: float) -> AdmissionPlan:
+        free = {node.name: node.allocatable_gpus if node.schedulable else 0 for node in nodes}
         for gang in running:
             for name, gpus in gang.gpus_by_node.items():
                 free[name] -= gpus
+        # Only nodes with room now, each pool's in name order: a first fit
+        # passes over the others anyway.
+        with_room: dict[str, list[NodeSnapshot]] = {}
+        for node in sorted((node for node in nodes if free[node.name] > 0), key=lambda node: node.name):
+            with_room.setdefault(node.pool, []).append(node)
         admitted: dict[str, tuple[str, ...]] = {}
-        for job in queue_order(queue):
+        blocked: set[str] = set()
+        for job in queue_order(pending):
+            if job.pool in blocked:
+                continue
+            pool_nodes = with_room.get(job.pool, [])
+            if job.excluded_nodes:
+                pool_nodes = [node for node in pool_nodes if node.name not in job.excluded_nodes]
             level = job.topology.required_level if keep_levels else None
-            for group in domains(nodes, level):
-                placed = first_fit_in(group, job, free)
-                if placed is not None:
-                    admitted[job.key], free = placed
+            for group in domains(pool_nodes, level):
+                ranks = first_fit_in(group, job, free)
+                if ranks is not None:
+                    admitted[job.key] = ranks
+                    for name in ranks:
+                        free[name] -= job.gpus_per_worker
                     break
             else:
                 if not skip_blocked:
-                    break
-        return admitted
+                    blocked.add(job.pool)
+        return AdmissionPlan(admissions=admitted, preemptions=(), unschedulable={}, queue_positions={},
+                             reservations={}, starts_by={})
 
     return first_fit
 
@@ -281,27 +290,26 @@ def domains(nodes: list[NodeSnapshot], level: TopologyLevel | None) -> list[list
     return list(groups.values())
 
 
-def first_fit_in(
-    group: list[NodeSnapshot], job: PendingJob, free: dict[str, int]
-) -> tuple[tuple[str, ...], dict[str, int]] | None:
-    """Each worker on the first node of `group` with room, and what is free
-    after, or None if the job does not fit there."""
+def first_fit_in(group: list[NodeSnapshot], job: PendingJob, free: dict[str, int]) -> tuple[str, ...] | None:
+    """Each worker on the first node of `group` with room, or None if the
+    job does not fit there."""
     ranks: list[str] = []
-    trial = dict(free)
     for node in group:
-        while len(ranks) < job.workers and trial[node.name] >= job.gpus_per_worker:
-            trial[node.name] -= job.gpus_per_worker
+        room = free[node.name]
+        while len(ranks) < job.workers and room >= job.gpus_per_worker:
+            room -= job.gpus_per_worker
             ranks.append(node.name)
         if len(ranks) == job.workers:
-            return tuple(ranks), trial
+            return tuple(ranks)
     return None
 
 
-def make_trace(nodes: list[NodeSnapshot], hours: float, load: float, seed: int) -> list[TraceJob]:
+def make_trace(node_count: int, hours: float, load: float, seed: int) -> list[TraceJob]:
     """Arrivals (Poisson) offering `load` x the pool's GPU-hours; durations
-    log-normal with a median of 1.5 h, capped at 12 h."""
+    log-normal with a median of 1.5 h, capped at 12 h; each job's limit its
+    duration x U(1, 3), rounded up to a whole hour."""
     rng = random.Random(seed)
-    capacity = sum(node.allocatable_gpus for node in nodes)
+    capacity = node_count * GPUS_PER_NODE
     mean_gpus = sum(w * g * weight for (w, g), weight in JOB_SIZES.items()) / sum(
         JOB_SIZES.values()
     )
@@ -313,54 +321,18 @@ def make_trace(nodes: list[NodeSnapshot], hours: float, load: float, seed: int) 
         clock += rng.expovariate(rate)
         if clock > hours * HOUR:
             return trace
-        job = random_job(f"trace/{len(trace)}", rng, "h100", clock, 0)
+        job = random_job(str(len(trace)), rng, "h100", clock, 0)
         duration = min(12 * HOUR, rng.lognormvariate(0, 0.5) * 1.5 * HOUR)
-        limit = math.ceil(duration * rng.uniform(1.0, 3.0) / HOUR) * HOUR
-        trace.append(TraceJob(dataclasses.replace(job, time_limit=limit), duration))
+        trace.append(TraceJob(id=job.key, arrival=clock, workers=job.workers,
+                              gpus_per_worker=job.gpus_per_worker, runtime=duration, pool=job.pool,
+                              topology_level=job.topology.level, topology_mode=job.topology.mode,
+                              deadline_s=limit_of(duration, rng.uniform(1.0, 3.0))))
 
 
-def simulate(nodes: list[NodeSnapshot], trace: list[TraceJob], policy: Policy,
-             warmup: float, horizon: float) -> Simulation:
-    sim = Simulation()
-    by_name = {node.name: node for node in nodes}
-    durations = {item.job.key: item.duration for item in trace}
-    arrivals = iter(trace)
-    upcoming = next(arrivals, None)
-    queue: dict[str, PendingJob] = {}
-    running: dict[str, tuple[RunningGang, float]] = {}
-    clock = 0.0
-    while clock < horizon:
-        while upcoming is not None and upcoming.job.arrival <= clock:
-            queue[upcoming.job.key] = upcoming.job
-            upcoming = next(arrivals, None)
-        for key in [key for key, (_, end) in running.items() if end <= clock]:
-            del running[key]
-        admitted = policy(nodes, [gang for gang, _ in running.values()], list(queue.values()), clock)
-        for key, ranks in admitted.items():
-            job = queue.pop(key)
-            end = clock + durations[key]
-            usage = Counter({name: 0 for name in ranks})
-            for name in ranks:
-                usage[name] += job.gpus_per_worker
-            ends_by = None if job.time_limit is None else clock + job.time_limit
-            running[key] = (RunningGang(key, 0, job.pool, dict(usage), clock, ends_by=ends_by), end)
-            sim.waits[key] = clock - job.arrival
-            overlap = max(0.0, min(end, horizon) - max(clock, warmup))
-            sim.busy_gpu_seconds += job.gpus * overlap
-            level = job.topology.required_level
-            if level is not None:
-                spanned = {(by_name[n].block, by_name[n].rack if level == "rack" else "")
-                           for n in ranks}
-                sim.broken_required += len(spanned) > 1
-        clock += CYCLE_SECONDS
-    return sim
-
-
-def longest_wait(sim: Simulation, jobs: Sequence[PendingJob], horizon: float) -> str:
+def longest_wait(report: Report, jobs: Sequence[JobRecord]) -> str:
     """The longest wait among `jobs`; a job still queued at the end counts as
     waiting until then, and '>' says the longest is such a lower bound."""
-    waits = [(sim.waits.get(job.key, horizon - job.arrival), job.key not in sim.waits)
-             for job in jobs]
+    waits = [wait for wait in map(report.wait, jobs) if wait is not None]
     if not waits:
         return "    -  "
     wait, still_queued = max(waits)
@@ -369,47 +341,45 @@ def longest_wait(sim: Simulation, jobs: Sequence[PendingJob], horizon: float) ->
 
 def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> dict[str, float]:
     """Prints one trace's table; returns each policy's utilisation."""
-    rng = random.Random(seed)
-    nodes = [
-        NodeSnapshot(n.name, "h100", n.gpu_product, n.allocatable_gpus, n.block, n.rack)
-        for n in make_nodes(node_count, rng)
-    ]
-    trace = make_trace(nodes, hours, load, seed=seed)
+    cluster = bench_cluster(node_count)
+    trace = make_trace(node_count, hours, load, seed=seed)
     warmup, horizon = 6 * HOUR, hours * HOUR
-    capacity = sum(node.allocatable_gpus for node in nodes)
-    big = {item.job.key for item in trace if item.job.gpus >= 128}
+    capacity = node_count * GPUS_PER_NODE
     largest_size = max(JOB_SIZES, key=lambda size: size[0] * size[1])
-    largest = [item.job for item in trace
-               if (item.job.workers, item.job.gpus_per_worker) == largest_size]
-    offered = sum(item.job.gpus * item.duration for item in trace) / (capacity * horizon)
+    offered = sum(job.gpus * job.runtime for job in trace) / (capacity * horizon)
     print(
         f"  offered load {offered:.2f}x (GPU-hours asked / available; target {load}x): "
         f"{len(trace)} jobs over {hours:.0f} h on {node_count} nodes ({capacity} GPUs), "
         f"a cycle every {CYCLE_SECONDS:.0f} s, utilisation from {warmup / HOUR:.0f} h to "
         f"{hours:.0f} h"
     )
-    without_limits = [TraceJob(dataclasses.replace(item.job, time_limit=None), item.duration)
-                      for item in trace]
+    without_limits = [dataclasses.replace(job, deadline_s=None) for job in trace]
     results = {}
     for name, policy, jobs in (
-        ("planner", planner_policy, trace),
-        ("planner (no limits)", planner_policy, without_limits),
+        ("planner", None, trace),
+        ("planner (no limits)", None, without_limits),
         ("first-fit (blocking)", first_fit_policy(skip_blocked=False), trace),
         ("first-fit (skipping)", first_fit_policy(skip_blocked=True), trace),
         ("first-fit (skip, lvl)", first_fit_policy(skip_blocked=True, keep_levels=True), trace),
     ):
-        sim = simulate(nodes, jobs, policy, warmup, horizon)
-        utilisation = sim.busy_gpu_seconds / (capacity * (horizon - warmup))
+        report = Simulation(cluster, jobs, cycle_s=CYCLE_SECONDS, planner=policy).run(until=horizon)
+        utilisation = report.utilisation_between(warmup, horizon)
         results[name] = utilisation
-        waits = sorted(sim.waits.values())
-        big_waits = sorted(sim.waits[key] for key in big if key in sim.waits)
+        waits = sorted(job.first_admitted - job.trace.arrival
+                       for job in report.jobs if job.first_admitted is not None)
+        big = [job for job in report.jobs if job.trace.gpus >= 128]
+        big_waits = sorted(job.first_admitted - job.trace.arrival
+                           for job in big if job.first_admitted is not None)
         big_text = f"{statistics.median(big_waits) / HOUR:4.1f} h" if big_waits else "   -  "
+        largest = [job for job in report.jobs
+                   if (job.trace.workers, job.trace.gpus_per_worker) == largest_size]
         print(
-            f"    {name:<21} utilisation {utilisation:6.2%}   started {len(waits):4d}   "
+            f"    {name:<21} utilisation {utilisation:6.2%}   started {report.started:4d}   "
             f"median wait {statistics.median(waits) / HOUR:4.1f} h   "
-            f">=128-GPU jobs: median wait {big_text}, {len(big - set(sim.waits)):3d} never "
+            f">=128-GPU jobs: median wait {big_text}, "
+            f"{sum(job.first_admitted is None for job in big):3d} never "
             f"started   {largest_size[0]}x{largest_size[1]} jobs: longest wait "
-            f"{longest_wait(sim, largest, horizon)}   required level broken {sim.broken_required}"
+            f"{longest_wait(report, largest)}   required level broken {report.topology_broken}"
         )
     print(
         f"    utilisation ratio planner / first-fit (blocking) "

@@ -241,3 +241,28 @@ def test_a_head_waiting_on_limited_gangs_shows_its_start_bound_and_lets_short_jo
     without_limit = dataclasses.replace(short, deadline_seconds=None)
     cycle = admission_cycle([running, head, without_limit], facts, NOW)
     assert cycle.plan is not None and cycle.plan.admissions == {}, "no limit: not on the reserved nodes"
+
+
+def test_a_planner_given_to_the_cycle_stands_in_for_plan_admissions() -> None:
+    """It gets the cycle's snapshot (the nodes, the running gang, the waiting
+    job as a PendingJob) and its plan is applied as the planner's would be."""
+    from gpucluster.planning.lifecycle import ClusterFacts, admission_cycle
+    from gpucluster.planning.scheduling import AdmissionPlan, NodeSnapshot, PendingJob, RunningGang
+
+    facts = ClusterFacts(nodes=NODES, pods={"ns/job": [pod(0), pod(1)]},
+                         products={"h100": "H100"}, desired_nodes={"h100": 4})
+    small = job(Phase.QUEUED, key="ns/small", name="small", workers=2, nodes=(), first_admitted_at=None)
+    seen: list[tuple[list[str], list[str], list[str], float]] = []
+
+    def last_nodes_first(nodes: list[NodeSnapshot], running: list[RunningGang], pending: list[PendingJob],
+                         now: float) -> AdmissionPlan:
+        seen.append(([n.name for n in nodes], [g.key for g in running], [j.key for j in pending], now))
+        return AdmissionPlan(admissions={"ns/small": ("n3", "n2")}, preemptions=(), unschedulable={},
+                             queue_positions={}, reservations={}, starts_by={})
+
+    cycle = admission_cycle([job(), small], facts, NOW, planner=last_nodes_first)
+    assert seen == [(["n0", "n1", "n2", "n3"], ["ns/job"], ["ns/small"], NOW)]
+    (view, transition), = cycle.transitions
+    assert view.key == "ns/small" and transition.create_pods == ("n3", "n2")
+    assert admission_cycle([job(), small], facts, NOW).plan.admissions == {  # type: ignore[union-attr]
+        "ns/small": ("n2", "n3")}, "without it, the operator's planner"

@@ -58,7 +58,14 @@ from gpucluster.planning.jobs import (
     admission_inputs,
 )
 from gpucluster.planning.pools import ObservedNode
-from gpucluster.planning.scheduling import AdmissionPlan, CapacityCache, plan_admissions
+from gpucluster.planning.scheduling import (
+    AdmissionPlan,
+    CapacityCache,
+    NodeSnapshot,
+    PendingJob,
+    RunningGang,
+    plan_admissions,
+)
 from gpucluster.timestamps import rfc3339
 
 # Reasons of a Failed phase that an edit of the spec can cure.
@@ -452,6 +459,12 @@ class PlannerCache:
     capacity: CapacityCache = field(default_factory=CapacityCache)
 
 
+# A policy that stands in for `plan_admissions` (the simulator's baselines):
+# the cycle's node snapshots, running gangs, pending jobs and `now` in, a
+# plan out. The lifecycle applies its admissions, preemptions and queue
+# positions as it applies the planner's.
+Planner = Callable[[list[NodeSnapshot], list[RunningGang], list[PendingJob], float], AdmissionPlan]
+
 _key = attrgetter("key")
 _fingerprint = attrgetter("fingerprint")
 
@@ -467,7 +480,8 @@ def planner_inputs(views: Iterable[JobView], facts: ClusterFacts) -> int:
 
 def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
                     judge: Collection[str] | None = None, unchanged_since: int | None = None,
-                    cache: PlannerCache | None = None, clock: Callable[[], float] | None = None) -> Cycle:
+                    cache: PlannerCache | None = None, planner: Planner | None = None,
+                    clock: Callable[[], float] | None = None) -> Cycle:
     """One cycle: judge every gang, then plan admissions over what that left
     and step each job the plan touched. Decisions of the first half are
     assumed by the second, as their writes will be. `judge` limits the
@@ -478,7 +492,9 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     (at 25,000 nodes a plan costs tens of milliseconds with `cache`,
     more than half a second without). `cache`
     carries the planner's snapshots and indexes over between the cycles of
-    one cluster; `clock` times each job's decision (AdmissionPlan)."""
+    one cluster. `planner` replaces `plan_admissions` (the simulator's
+    baselines); None, the operator's planner. `clock` times each job's
+    decision of the operator's planner (AdmissionPlan.decision_seconds)."""
     views = {v.key: v for v in jobs}
     transitions: list[tuple[JobView, Transition]] = []
 
@@ -502,8 +518,11 @@ def admission_cycle(jobs: Iterable[JobView], facts: ClusterFacts, now: float,
     snapshot_nodes, running, pending = admission_inputs(
         views.values(), facts.nodes.values(), pods, facts.products, facts.foreign_gpus, now,
         None if cache is None else cache.nodes, None if cache is None else cache.gangs)
-    plan = plan_admissions(snapshot_nodes, running, pending, now=now,
-                           cache=None if cache is None else cache.capacity, clock=clock)
+    if planner is None:
+        plan = plan_admissions(snapshot_nodes, running, pending, now=now,
+                               cache=None if cache is None else cache.capacity, clock=clock)
+    else:
+        plan = planner(snapshot_nodes, running, pending, now)
     victims_of: dict[str, list[str]] = {}
     for preemption in plan.preemptions:
         apply(views[preemption.victim], step(views[preemption.victim], Preempt(preemption.preemptor), now))

@@ -33,6 +33,9 @@ def add_parser(subparsers: Any) -> None:
     sim.add_argument("--save-trace", type=Path, help="write the generated trace here")
     sim.add_argument("--interarrival", type=float, default=60.0, help="generated: mean seconds between jobs")
     sim.add_argument("--runtime", type=float, default=4 * 3600.0, help="generated: mean run time, seconds")
+    sim.add_argument("--limits", action="store_true",
+                     help="generated: each job declares activeDeadlineSeconds, its run time x 1 to 3 "
+                          "rounded up to a whole hour")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--cycle", type=float, default=60.0,
                      help="simulated seconds between admission cycles (default: %(default)s)")
@@ -43,6 +46,10 @@ def add_parser(subparsers: Any) -> None:
     sim.add_argument("--checkpoint-minutes", type=float, default=30.0,
                      help="a restart loses the work since the last checkpoint (default: %(default)s)")
     sim.add_argument("--grace", type=float, default=60.0, help="the jobs' nodeFailureGraceSeconds")
+    sim.add_argument("--until", type=float, metavar="HOURS",
+                     help="stop at this simulated hour, with jobs still queued or running")
+    sim.add_argument("--warmup", type=float, default=0.0, metavar="HOURS",
+                     help="measure utilisation from this hour on (default: the first arrival)")
     sim.add_argument("--png", type=Path, help="write GPUs allocated, queue depth and waits by size here")
     sim.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -63,13 +70,15 @@ def load_cluster(path: Path) -> cluster_api.TrainingClusterSpec:
         raise SystemExit(f"error: {path}: {problems}") from err
 
 
-def summary(report: Report, seconds: float) -> dict[str, Any]:
+def summary(report: Report, seconds: float, warmup_s: float = 0.0) -> dict[str, Any]:
     waits = report.waits_by_size()
+    utilisation = report.utilisation_between(warmup_s, report.end) if warmup_s else report.utilisation
     return {
-        "jobs": len(report.jobs), "completed": report.completed,
+        "jobs": len(report.jobs), "started": report.started, "completed": report.completed,
         "rejected": sum(1 for j in report.jobs if j.rejected),
+        "deadline_exceeded": sum(1 for j in report.jobs if j.failed_reason == "DeadlineExceeded"),
         "gpus": report.total_gpus, "makespan_hours": round(report.makespan / 3600, 2),
-        "utilisation": round(report.utilisation, 4), "cycles": report.cycles,
+        "utilisation": round(utilisation, 4), "cycles": report.cycles,
         "preemptions": report.preemptions, "restarts": report.restarts,
         "restarts_by_reason": report.restarts_by_reason, "gpu_hours_lost": round(report.gpu_hours_lost, 1),
         "fatal_faults": report.fatal_faults, "transient_faults": report.transient_faults,
@@ -127,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         gpus = sorted({p.gpu.value for p in cluster.pools})
         trace = list(generate(args.generate, seed=args.seed, mean_interarrival=args.interarrival,
-                              mean_runtime=args.runtime, gpus=gpus,
+                              mean_runtime=args.runtime, gpus=gpus, limits=args.limits,
                               max_gpus=max(p.nodes * p.gpusPerNode for p in cluster.pools)))
         if args.save_trace:
             write_trace(args.save_trace, trace)
@@ -137,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
     simulation = Simulation(cluster, trace, failures=failures, seed=args.seed, cycle_s=args.cycle,
                             grace_s=args.grace)
     started = time.monotonic()
+    until = None if args.until is None else args.until * 3600
     if args.quiet:
-        report = simulation.run()
+        report = simulation.run(until=until)
     else:
         from tqdm import tqdm
 
@@ -148,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(arrived - bar.n)
                 bar.set_postfix_str(f"day {now / 86400:.1f} of {horizon / 86400:.1f}+", refresh=False)
 
-            report = simulation.run(progress)
-    result = summary(report, time.monotonic() - started)
+            report = simulation.run(progress, until=until)
+    result = summary(report, time.monotonic() - started, args.warmup * 3600)
     if args.output == "json":
         print(json.dumps(result, indent=2))
     else:

@@ -14,8 +14,14 @@ Failures are drawn as Poisson processes per GPU-hour over the GPUs in
 service: a fatal fault (the lifecycle restarts the gang at once; the node is
 out until repaired, at most the pool's `remediation.maxUnavailable` nodes in
 repair at a time, the rest wait) and a transient NotReady of a random length
-(the gang restarts only if it outlasts the job's grace). Deterministic for a
-given seed.
+(the gang restarts only if it outlasts the job's grace). A job past its
+run-time limit (`activeDeadlineSeconds`) is Failed by the lifecycle at its
+next cycle. Deterministic for a given seed.
+
+`planner` stands in for `plan_admissions` (a baseline policy to compare
+with); everything else -- the clock, arrivals, ends, faults, accounting --
+is the same. `run(until=...)` stops at a horizon with jobs still queued or
+running, and the report measures utilisation over any window of the run.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from gpucluster.planning.jobs import (
 )
 from gpucluster.planning.lifecycle import (
     ClusterFacts,
+    Planner,
     PlannerCache,
     SpecJudged,
     Transition,
@@ -70,13 +77,17 @@ class Failures:
 class JobRecord:
     trace: TraceJob
     pool: str = ""
-    rejected: str = ""
+    rejected: str = ""  # why it failed before it ever ran
+    failed_reason: str = ""  # why it failed, at whatever point
     first_admitted: float | None = None
     finished: float | None = None
     phase: str = ""
     saved_work: float = 0.0  # run time checkpointed over earlier attempts
     attempt_started: float | None = None
+    exited: float | None = None  # when the current attempt's workers all exited 0
     placements: list[tuple[str, ...]] = field(default_factory=list)
+    # Each attempt's pods, from their creation to their exit or deletion.
+    runs: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class Report:
     total_gpus: int
     makespan: float
     cycles: int
+    end: float = 0.0  # the last completion, or the horizon the run stopped at
     preemptions: int = 0
     restarts: int = 0
     restarts_by_reason: dict[str, int] = field(default_factory=dict)
@@ -109,11 +121,48 @@ class Report:
         return sum(1 for j in self.jobs if j.phase == Phase.SUCCEEDED)
 
     @property
+    def started(self) -> int:
+        """Jobs admitted at least once."""
+        return sum(1 for j in self.jobs if j.first_admitted is not None)
+
+    @property
     def utilisation(self) -> float:
         """Allocated GPU-time over all GPU-time from the first arrival to the
-        last completion."""
-        used = sum(a.allocated_gpus * (b.at - a.at) for a, b in zip(self.samples, self.samples[1:], strict=False))
-        return used / (self.total_gpus * self.makespan) if self.makespan > 0 else 0.0
+        end (the last completion, or the horizon)."""
+        return self.utilisation_between(self.end - self.makespan, self.end)
+
+    def utilisation_between(self, start: float, end: float) -> float:
+        """GPU-time held by running gangs between `start` and `end` (a
+        warm-up on, say) over all GPU-time there. A gang holds its GPUs
+        from its pods' creation to their exit or deletion: a gang that ends
+        between two cycles stops counting when it ends, not at the cycle
+        that frees its GPUs for admission (the operator's cycle is a second;
+        the simulated one may be minutes)."""
+        if end <= start:
+            return 0.0
+        used = 0.0
+        for job in self.jobs:
+            runs = job.runs if job.attempt_started is None else \
+                [*job.runs, (job.attempt_started, self.end if job.exited is None else job.exited)]
+            for began, ended in runs:
+                if ended > start and began < end:
+                    used += job.trace.gpus * (min(ended, end) - max(began, start))
+        return used / (self.total_gpus * (end - start))
+
+    def wait(self, job: JobRecord) -> tuple[float, bool] | None:
+        """How long `job` waited for its first admission; a job never
+        admitted (and not rejected) waits until the end of the run, and
+        True says it still waits. None for a rejected job."""
+        if job.first_admitted is not None:
+            return job.first_admitted - job.trace.arrival, False
+        if job.rejected:
+            return None
+        return self.end - job.trace.arrival, True
+
+    @property
+    def topology_broken(self) -> int:
+        """Jobs with a required topology level that a placement of theirs broke."""
+        return self.topology_required - self.topology_kept
 
     def waits_by_size(self) -> dict[int, list[float]]:
         waits: dict[int, list[float]] = defaultdict(list)
@@ -126,8 +175,10 @@ class Report:
 class Simulation:
     def __init__(self, cluster: cluster_api.TrainingClusterSpec, trace: Sequence[TraceJob], *,
                  failures: Failures = Failures(), seed: int = 0, cycle_s: float = 60.0,
-                 grace_s: float = DEFAULT_NODE_FAILURE_GRACE_S, name: str = "sim") -> None:
+                 grace_s: float = DEFAULT_NODE_FAILURE_GRACE_S, name: str = "sim",
+                 planner: Planner | None = None) -> None:
         self.name = name
+        self.planner = planner
         self.trace = sorted(trace, key=lambda j: (j.arrival, j.id))
         self.failures = failures
         self.rng = random.Random(seed)
@@ -179,7 +230,7 @@ class Simulation:
         view = JobView(key=key, namespace="trace", name=job.id, cluster=self.name, pool="", priority=0,
                        arrival=job.arrival, workers=job.workers, gpus_per_worker=job.gpus_per_worker, phase=None,
                        topology_level=job.topology_level, topology_mode=job.topology_mode,
-                       node_failure_grace_s=self.grace_s)
+                       deadline_seconds=job.deadline_s, node_failure_grace_s=self.grace_s)
         pool = job.pool if job.pool is not None or job.gpu is not None else self.pool_facts[0].name
         chosen = choose_pool(JobShape(cluster=self.name, pool=pool, gpu=job.gpu, workers=job.workers,
                                       gpus_per_worker=job.gpus_per_worker, topology_level=job.topology_level,
@@ -229,7 +280,8 @@ class Simulation:
             self.report.repairs_waited += 1
             self.repair_queue[pool_name].append(node)
 
-    def _event(self, now: float, kind: str, subject: str) -> None:
+    def _event(self, now: float, kind: str, subject: str, cycle_now: float) -> None:
+        """Handles an event of time `now`, seen at the cycle of `cycle_now`."""
         if kind == "fatal":
             self._fault(now, fatal=True)
             self._next_fault(now, "fatal", self.failures.fatal_per_gpu_hour)
@@ -256,7 +308,15 @@ class Simulation:
             view = self.views.get(key)
             if view is not None and view.attempt == int(attempt) and view.phase in ACTIVE_PHASES:
                 self.pods[key] = tuple(dataclasses.replace(p, phase="Succeeded") for p in self.pods.get(key, ()))
+                self.records[key].exited = now
                 self.dirty.add(key)
+        elif kind == "deadline":
+            view = self.views.get(subject)
+            if view is not None and view.deadline_seconds is not None and view.first_admitted_at is not None:
+                self.dirty.add(subject)
+                if cycle_now - view.first_admitted_at <= view.deadline_seconds:
+                    # The lifecycle fails it once past the limit: look again next cycle.
+                    self._at(cycle_now + self.cycle_s, "deadline", subject)
 
     # --- transitions, applied as the handlers apply them ---
 
@@ -270,6 +330,7 @@ class Simulation:
             if record.phase != Phase.SUCCEEDED:
                 record.saved_work += saved
                 self.report.gpu_hours_lost += (progress - saved) * record.trace.gpus / HOUR
+            record.runs.append((record.attempt_started, now if record.exited is None else record.exited))
             record.attempt_started = None
 
     def _apply(self, view: JobView, transition: Transition, now: float) -> None:
@@ -288,9 +349,12 @@ class Simulation:
             for node in transition.create_pods:
                 self.jobs_on_node[node].add(key)
             record.attempt_started = now
+            record.exited = None
             record.placements.append(transition.create_pods)
             if record.first_admitted is None:
                 record.first_admitted = now
+                if view.deadline_seconds is not None:
+                    self._at(now + view.deadline_seconds, "deadline", key)
             self._at(now + max(0.0, record.trace.runtime - record.saved_work), "finish", f"{key}#{view.attempt}")
             self.dirty.add(key)
         if transition.restart_reason:
@@ -306,13 +370,18 @@ class Simulation:
             if phase == Phase.SUCCEEDED:
                 self._end_pods(key, now)
             record.finished = now
-            if phase == Phase.FAILED and record.first_admitted is None:
-                record.rejected = str(transition.status.get("reason", ""))
+            if phase == Phase.FAILED:
+                record.failed_reason = str(transition.status.get("reason", ""))
+                if record.first_admitted is None:
+                    record.rejected = record.failed_reason
             self.views.pop(key, None)
 
     # --- the clock ---
 
-    def run(self, progress: Callable[[float, int], None] | None = None) -> Report:
+    def run(self, progress: Callable[[float, int], None] | None = None, *, until: float | None = None) -> Report:
+        """Runs cycles until every job has ended, or until the horizon
+        `until` (the last cycle is the last before it; arrivals and events
+        up to it still happen, so the report shows the world at `until`)."""
         pending = 0
         now = 0.0
         self._next_fault(0.0, "fatal", self.failures.fatal_per_gpu_hour)
@@ -327,17 +396,15 @@ class Simulation:
                                         self._next_event()) if t is not None]
                 if upcoming:
                     now = max(now, math.ceil(min(upcoming) / self.cycle_s) * self.cycle_s)
-            while pending < len(self.trace) and self.trace[pending].arrival <= now:
-                self._arrive(self.trace[pending], now)
-                pending += 1
-            # Events land at their own time; the lifecycle sees them at the cycle.
-            while self.events and self.events[0][0] <= now:
-                when, _, kind, subject = heapq.heappop(self.events)
-                self._event(when, kind, subject)
+            if until is not None and now >= until:
+                self._happen(until, pending, until)
+                break
+            pending = self._happen(now, pending, now)
             dirty, self.dirty = self.dirty, set()
             facts = ClusterFacts(nodes=self.nodes, pods={k: self.pods.get(k, ()) for k in dirty},
                                  products=products, desired_nodes=desired)
-            cycle = admission_cycle(self.views.values(), facts, now, judge=dirty, cache=self.planner_cache)
+            cycle = admission_cycle(self.views.values(), facts, now, judge=dirty, cache=self.planner_cache,
+                                    planner=self.planner)
             self.report.cycles += 1
             for view, transition in cycle.transitions:
                 self._apply(view, transition, now)
@@ -346,8 +413,22 @@ class Simulation:
             if progress is not None:
                 progress(now, pending)
             now += self.cycle_s
-        self._finish_report()
+        else:  # every job ended (before the horizon, if any)
+            until = None
+        self._finish_report(until)
         return self.report
+
+    def _happen(self, till: float, pending: int, now: float) -> int:
+        """Arrivals and events up to `till`, seen at the cycle of `now`; the
+        trace's next job not yet arrived."""
+        while pending < len(self.trace) and self.trace[pending].arrival <= till:
+            self._arrive(self.trace[pending], now)
+            pending += 1
+        # Events land at their own time; the lifecycle sees them at the cycle.
+        while self.events and self.events[0][0] <= till:
+            when, _, kind, subject = heapq.heappop(self.events)
+            self._event(when, kind, subject, now)
+        return pending
 
     def _next_event(self) -> float | None:
         return self.events[0][0] if self.events else None
@@ -362,13 +443,21 @@ class Simulation:
                 allocated, queued, in_service):
             self.report.samples.append(sample)
 
-    def _finish_report(self) -> None:
+    def _finish_report(self, until: float | None) -> None:
+        """`until`: the horizon the run stopped at, None when every job ended."""
         report = self.report
         first = min((j.arrival for j in self.trace), default=0.0)
-        last = max((j.finished or 0.0 for j in report.jobs), default=0.0)
+        if until is None:
+            last = max((j.finished or 0.0 for j in report.jobs), default=0.0)
+            if report.samples:
+                report.samples.append(Sample(last, 0, 0, report.samples[-1].gpus_in_service))
+        else:
+            last = until
+            self._sample(until)
+            if report.samples[-1].at != until:
+                report.samples.append(dataclasses.replace(report.samples[-1], at=until))
+        report.end = last
         report.makespan = max(0.0, last - first)
-        if report.samples:
-            report.samples.append(Sample(last, 0, 0, report.samples[-1].gpus_in_service))
         for record in report.jobs:
             if record.trace.topology_mode == "required" and record.trace.topology_level and record.placements:
                 report.topology_required += 1

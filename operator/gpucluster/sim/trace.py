@@ -5,12 +5,17 @@ One JSON object per line:
 
     {"id": "llama-7", "arrival": 3600, "workers": 64, "gpusPerWorker": 8,
      "runtime": 86400, "priority": 100, "gpu": "H100-80GB-HBM3",
-     "topology": {"level": "block", "mode": "required"}}
+     "topology": {"level": "block", "mode": "required"},
+     "activeDeadlineSeconds": 172800}
 
 - `arrival` and `runtime`: seconds (from the trace's start; of uninterrupted
   running). `id` is optional (the line number otherwise).
 - `pool` or `gpu` chooses the pool as a TrainingJob's spec does (neither: the
   cluster's first pool); `priority` defaults to 0; `topology` is optional.
+- `activeDeadlineSeconds` (optional): the job's run-time limit, as in its
+  spec, counted from its first admission. The planner backfills a job onto
+  a waiting head's reserved nodes when the limits prove it leaves in time;
+  a job still running past its limit is Failed (DeadlineExceeded).
 
 Public traces map onto it: Microsoft's Philly trace (`submitted_time` ->
 arrival, the GPU count of an attempt's `detail` -> workers x gpusPerWorker,
@@ -24,6 +29,7 @@ node_num`, `duration`).
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,6 +51,7 @@ class TraceJob:
     gpu: str | None = None
     topology_level: TopologyLevel | None = None
     topology_mode: TopologyMode = "preferred"
+    deadline_s: int | None = None  # spec.activeDeadlineSeconds
 
     @property
     def gpus(self) -> int:
@@ -60,6 +67,8 @@ class TraceJob:
             line["gpu"] = self.gpu
         if self.topology_level is not None:
             line["topology"] = {"level": self.topology_level, "mode": self.topology_mode}
+        if self.deadline_s is not None:
+            line["activeDeadlineSeconds"] = self.deadline_s
         return line
 
 
@@ -98,9 +107,13 @@ def parse_line(text: str, number: int) -> TraceJob:
     level, mode = topology.get("level"), topology.get("mode", "preferred")
     if level not in (None, "block", "rack") or mode not in ("required", "preferred"):
         raise TraceError(f"{where}: topology.level must be block or rack, topology.mode required or preferred")
+    deadline = obj.get("activeDeadlineSeconds")
+    if deadline is not None and (_field(obj, "activeDeadlineSeconds", int, where) < 1):
+        raise TraceError(f"{where}: activeDeadlineSeconds must be >= 1 (seconds)")
     return TraceJob(id=str(obj.get("id", number)), arrival=arrival, workers=workers, gpus_per_worker=gpus,
                     runtime=runtime, priority=_field(obj, "priority", int, where, 0),
-                    pool=obj.get("pool"), gpu=obj.get("gpu"), topology_level=level, topology_mode=mode)
+                    pool=obj.get("pool"), gpu=obj.get("gpu"), topology_level=level, topology_mode=mode,
+                    deadline_s=deadline)
 
 
 def read_trace(path: Path) -> list[TraceJob]:
@@ -121,14 +134,20 @@ SIZE_WEIGHTS = {1: 30, 2: 8, 4: 8, 8: 20, 16: 10, 32: 8, 64: 6, 128: 4, 256: 3, 
 
 
 def generate(count: int, *, seed: int = 0, mean_interarrival: float = 60.0, mean_runtime: float = 4 * 3600.0,
-             gpus: Iterable[str | None] = (None,), max_gpus: int = 2048) -> Iterator[TraceJob]:
+             gpus: Iterable[str | None] = (None,), max_gpus: int = 2048, limits: bool = False
+             ) -> Iterator[TraceJob]:
     """A synthetic trace: Poisson arrivals, sizes by SIZE_WEIGHTS (at most
     `max_gpus`), log-normal run times, three priorities, and a required or
-    preferred topology for a share of the multi-node jobs."""
+    preferred topology for a share of the multi-node jobs. With `limits`,
+    each job declares a run-time limit as users set them: its run time
+    times a factor from 1 to 3, rounded up to a whole hour (the jobs drawn
+    are the same with or without)."""
     rng = random.Random(seed)
     sizes = [s for s in SIZE_WEIGHTS if s <= max_gpus]
     weights = [SIZE_WEIGHTS[s] for s in sizes]
     products = list(gpus)
+    # Limits come from a stream of their own, so the jobs are the same with or without.
+    limits_rng = random.Random(f"{seed}-limits") if limits else None
     clock = 0.0
     for n in range(count):
         clock += rng.expovariate(1 / mean_interarrival)
@@ -140,7 +159,16 @@ def generate(count: int, *, seed: int = 0, mean_interarrival: float = 60.0, mean
         if workers > 1 and rng.random() < 0.4:
             level = "rack" if workers <= 4 else "block"
             mode = "required" if rng.random() < 0.5 and workers <= 32 else "preferred"
-        runtime = min(30 * 86400.0, rng.lognormvariate(0, 1.0) * mean_runtime / 1.65)
+        runtime = round(max(60.0, min(30 * 86400.0, rng.lognormvariate(0, 1.0) * mean_runtime / 1.65)), 3)
+        priority = rng.choices([0, 100, 1000], [70, 25, 5])[0]
+        gpu = rng.choice(products)
+        deadline = limit_of(runtime, limits_rng.uniform(1.0, 3.0)) if limits_rng is not None else None
         yield TraceJob(id=f"job-{n:06d}", arrival=round(clock, 3), workers=workers, gpus_per_worker=per_worker,
-                       runtime=round(max(60.0, runtime), 3), priority=rng.choices([0, 100, 1000], [70, 25, 5])[0],
-                       gpu=rng.choice(products), topology_level=level, topology_mode=mode)
+                       runtime=runtime, priority=priority, gpu=gpu, topology_level=level, topology_mode=mode,
+                       deadline_s=deadline)
+
+
+def limit_of(runtime: float, factor: float) -> int:
+    """A run-time limit as users set them: `factor` (>= 1) times the run
+    time, rounded up to a whole hour."""
+    return math.ceil(runtime * factor / 3600) * 3600

@@ -1,0 +1,58 @@
+"""bench/admission.py's utilisation part: its first-fit baselines, and the
+whole part in --quick mode through `gpucluster simulate`'s engine."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from gpucluster.planning.scheduling import NodeSnapshot, PendingJob, RunningGang, TopologyRequest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+import admission  # noqa: E402
+
+# Two blocks of two racks of one 8-GPU node; n0 is half full.
+NODES = [NodeSnapshot(f"n{i}", "h100", "H100", 8, block=f"b{i // 2}", rack=f"r{i % 2}") for i in range(4)]
+RUNNING = [RunningGang("running", 0, "h100", {"n0": 4}, admitted_at=0.0)]
+QUEUE = [
+    PendingJob("big", 0, 1.0, 4, 8, "h100"),  # never fits beside `running`
+    PendingJob("pair", 0, 2.0, 2, 4, "h100"),
+    PendingJob("block", 0, 3.0, 2, 8, "h100", TopologyRequest("block", "required")),
+]
+
+
+@pytest.mark.parametrize(("policy", "admitted"), [
+    (admission.first_fit_policy(skip_blocked=False), {}),
+    (admission.first_fit_policy(skip_blocked=True), {"pair": ("n0", "n1"), "block": ("n2", "n3")}),
+    (admission.first_fit_policy(skip_blocked=True, keep_levels=True),
+     {"pair": ("n0", "n1"), "block": ("n2", "n3")}),
+])
+def test_first_fit_baselines(policy: admission.Planner, admitted: dict[str, tuple[str, ...]]) -> None:
+    assert dict(policy(NODES, RUNNING, QUEUE, 0.0).admissions) == admitted
+
+
+def test_first_fit_ignores_required_levels_unless_held_to_them() -> None:
+    """n0 and n2 have room for one worker each: skipping first-fit puts a
+    pair that requires one block on both; held to levels, it waits."""
+    pair = PendingJob("pair", 0, 1.0, 2, 4, "h100", TopologyRequest("block", "required"))
+    half = [RunningGang("running", 0, "h100", {"n0": 4, "n1": 8, "n2": 4, "n3": 8}, admitted_at=0.0)]
+    assert dict(admission.first_fit_policy(True)(NODES, half, [pair], 0.0).admissions) == {"pair": ("n0", "n2")}
+    assert dict(admission.first_fit_policy(True, keep_levels=True)(NODES, half, [pair], 0.0).admissions) == {}
+
+
+def test_quick_utilisation_part_prints_its_tables(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["admission.py", "--quick", "--skip-latency"])
+    admission.main()
+    out = capsys.readouterr().out
+    rows = re.findall(r"^    (.{21}) utilisation +(\d+\.\d\d)%   started +\d+   median wait +[\d.]+ h   "
+                      r">=128-GPU jobs: median wait +(?:[\d.]+ h|-), +\d+ never started   64x8 jobs: "
+                      r"longest wait +>?[\d.]+ h   required level broken (\d+)$", out, re.MULTILINE)
+    names = ["planner", "planner (no limits)", "first-fit (blocking)", "first-fit (skipping)",
+             "first-fit (skip, lvl)"]
+    assert [name.strip() for name, _, _ in rows] == names * 2, out
+    assert all(broken == "0" for name, _, broken in rows if name.strip() in names[:2] + names[4:])
+    assert out.count("utilisation ratio planner / first-fit (blocking)") == 2
