@@ -308,6 +308,19 @@ def _node_trouble(name: str, node: ObservedNode | None, grace: float) -> _NodeTr
 
 
 def _observed(job: JobView, seen: GangObserved, now: float) -> Transition:
+    current = {p.rank: p for p in seen.pods if p.attempt == job.attempt and not p.terminating}
+    running = sum(1 for p in current.values() if p.phase == "Running")
+    ready = f"{running}/{job.workers}"
+    # Every rank exited 0: Succeeded, even when this is first seen after the
+    # deadline (the workers ended; the deadline is for gangs still running).
+    if job.phase in ACTIVE_PHASES and all(current.get(r) is not None and current[r].phase == "Succeeded"
+                                          for r in range(job.workers)):
+        message = f"all {job.workers} workers exited 0"
+        return Transition(
+            status=_status_fields(job, Phase.SUCCEEDED, "AllWorkersSucceeded", message,
+                                  completedAt=_stamp(now), workersReady=ready, gpus=0),
+            condition=ConditionUpdate("Finished", True, "Succeeded", message), note=Note("Succeeded", message),
+            assume=dataclasses.replace(job, phase=Phase.SUCCEEDED, reason="AllWorkersSucceeded"))
     if job.deadline_seconds is not None and job.first_admitted_at is not None \
             and now - job.first_admitted_at > job.deadline_seconds and job.phase not in FINISHED_PHASES \
             and job.phase is not None:
@@ -315,9 +328,6 @@ def _observed(job: JobView, seen: GangObserved, now: float) -> Transition:
                      now, delete_pods=True, condition=ConditionUpdate("Finished", True, "Failed", "DeadlineExceeded"))
     if job.phase not in ACTIVE_PHASES:
         return NOTHING
-    current = {p.rank: p for p in seen.pods if p.attempt == job.attempt and not p.terminating}
-    running = sum(1 for p in current.values() if p.phase == "Running")
-    ready = f"{running}/{job.workers}"
     failed = sorted((p for p in current.values() if p.phase == "Failed"), key=lambda p: p.rank)
     if failed:
         first = failed[0]
@@ -330,13 +340,6 @@ def _observed(job: JobView, seen: GangObserved, now: float) -> Transition:
     if failing:
         return _restart_or_fail(job, "NodeFailed", f"node {failing[0].node} {failing[0].why}",
                                 frozenset(t.node for t in failing), now)
-    if all(current.get(r) is not None and current[r].phase == "Succeeded" for r in range(job.workers)):
-        message = f"all {job.workers} workers exited 0"
-        return Transition(
-            status=_status_fields(job, Phase.SUCCEEDED, "AllWorkersSucceeded", message,
-                                  completedAt=_stamp(now), workersReady=ready, gpus=0),
-            condition=ConditionUpdate("Finished", True, "Succeeded", message), note=Note("Succeeded", message),
-            assume=dataclasses.replace(job, phase=Phase.SUCCEEDED, reason="AllWorkersSucceeded"))
     if job.phase == Phase.RUNNING:
         missing = [r for r in range(job.workers) if r not in current]
         if missing:
