@@ -1,10 +1,11 @@
 """The agent's fleet mode against the real API server and KWOK: it writes
-GPUHealthy onto KWOK GPU nodes, follows faults injected with kubectl, keeps
-the conditions KWOK writes, and writes nothing more once nodes show their
-verdicts."""
+GPUHealthy and the GPU annotations onto KWOK GPU nodes in one patch of
+nodes/status, follows faults injected with kubectl, keeps the conditions
+KWOK writes, and writes nothing more once nodes show their verdicts."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -84,6 +85,19 @@ def annotations(kubectl: Kubectl, name: str) -> dict[str, str]:
     return kubectl.get("node", name)["metadata"].get("annotations", {})
 
 
+def writers_of_our_fields(kubectl: Kubectl, name: str) -> tuple[list[dict], list[dict]]:
+    """The managedFields entries that own the healthy-gpus annotation, and
+    those that own the GPUHealthy condition."""
+    entries = kubectl.get("node", name, "--show-managed-fields")["metadata"].get("managedFields", [])
+    fields = [entry.get("fieldsV1", {}) for entry in entries]
+    annotation = [entry for entry, f in zip(entries, fields, strict=True)
+                  if f"f:{ANNOTATION_HEALTHY_GPUS}" in f.get("f:metadata", {}).get("f:annotations", {})]
+    key = 'k:' + json.dumps({"type": CONDITION_GPU_HEALTHY}, separators=(",", ":"))
+    condition = [entry for entry, f in zip(entries, fields, strict=True)
+                 if key in f.get("f:status", {}).get("f:conditions", {})]
+    return annotation, condition
+
+
 def shows(kubectl: Kubectl, name: str, status: str, reason: str) -> dict | None:
     found = condition(kubectl, name)
     return found if found and (found["status"], found["reason"]) == (status, reason) else None
@@ -95,6 +109,11 @@ def test_every_kwok_gpu_node_gets_its_verdict(kubectl: Kubectl, fleet: FleetRunn
                          what=f"GPUHealthy=True on {name}")
         assert found["message"] == "all 8 GPUs healthy"
         assert annotations(kubectl, name)[ANNOTATION_HEALTHY_GPUS] == "8"
+        # Annotation and condition went in together, through nodes/status:
+        # the API server files them under one manager of the status subresource.
+        annotation, ours = writers_of_our_fields(kubectl, name)
+        assert annotation and all(entry.get("subresource") == "status" for entry in annotation), annotation
+        assert any(entry in ours for entry in annotation), (annotation, ours)
         # KWOK's conditions stay beside ours.
         wait_for(lambda n=name: condition(kubectl, n, "Ready"), timeout=60,
                  what=f"KWOK's Ready condition on {name}")

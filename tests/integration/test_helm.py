@@ -152,7 +152,8 @@ def test_service_accounts_are_allowed_what_they_do_and_nothing_dangerous(release
     assert allowed == [], "the operator's ServiceAccount may do what it must not"
 
     assert [str(p) for p in AGENT if not can_i(kubectl, AGENT_SA, p.verb, p.group, p.resource)] == []
-    agent_must_not = [Permission("", "nodes", "list"), Permission("", "nodes", "delete"),
+    agent_must_not = [Permission("", "nodes", "list"), Permission("", "nodes", "patch"),
+                      Permission("", "nodes", "delete"),
                       Permission("", "pods", "create"), Permission("", "secrets", "get")]
     assert [str(p) for p in agent_must_not if can_i(kubectl, AGENT_SA, p.verb, p.group, p.resource)] == []
 

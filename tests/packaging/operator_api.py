@@ -99,9 +99,9 @@ KOPF_CLUSTER_PEERING = {Permission("kopf.dev", "clusterkopfpeerings", verb)
                         for verb in ("get", "list", "watch", "patch")}
 
 # What the node agent (one node, `gpucluster agent`) and the fake device
-# plugin with --watch-faults do: agent/nodestatus.py and agent/cli.py.
-AGENT = {Permission("", "nodes", "get"), Permission("", "nodes", "patch"),
-         Permission("", "nodes/status", "patch")}
+# plugin with --watch-faults do: agent/nodestatus.py and agent/cli.py. The
+# agent's annotations go in with its condition, in its patch of nodes/status.
+AGENT = {Permission("", "nodes", "get"), Permission("", "nodes/status", "patch")}
 DEVICE_PLUGIN_WATCHING_FAULTS = {Permission("", "nodes", "get")}
 
 # Asked of the operator's ServiceAccount on a real cluster: it must not have them.

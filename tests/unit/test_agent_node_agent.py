@@ -29,8 +29,7 @@ def setup(fault_watch: bool = True) -> tuple[NodeAgent, MemoryNodeClient, FakeGp
 
 
 def annotate(nodes: MemoryNodeClient, value: str | None) -> None:
-    nodes.patch_annotations("kind-worker", {ANNOTATION_INJECT_FAULT: value})
-    nodes.writes.clear()
+    nodes.annotate("kind-worker", {ANNOTATION_INJECT_FAULT: value})  # not the agent's write
 
 
 def condition(nodes: MemoryNodeClient) -> dict:
@@ -43,12 +42,13 @@ def test_writes_on_change_only_and_follows_the_fault_annotation() -> None:
     agent, nodes, _, _ = setup()
     assert agent.tick().healthy
     assert condition(nodes)["status"] == "True"
-    assert len(nodes.writes) == 2
+    assert nodes.writes == [("kind-worker", ("annotations", "condition"))]
     agent.tick()
-    assert len(nodes.writes) == 2  # same verdict: nothing written
+    assert len(nodes.writes) == 1  # same verdict: nothing written
 
     annotate(nodes, "gpu=4,xid=79")
     verdict = agent.tick()
+    assert len(nodes.writes) == 2  # the new verdict: one patch
     assert (verdict.reason, verdict.healthy_gpus) == ("GPUFellOffBus", 7)
     assert condition(nodes)["reason"] == "GPUFellOffBus"
     assert nodes.get("kind-worker")["metadata"]["annotations"][ANNOTATION_HEALTHY_GPUS] == "7"

@@ -1,11 +1,16 @@
 """Writing the verdict onto the Node: the condition, its transition time, the
-annotations, and only what differs."""
+annotations, only what differs, and all of it in one patch of nodes/status."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from gpucluster.agent.nodestatus import (
+    STRATEGIC_MERGE_PATCH,
+    KubeNodeClient,
     MemoryNodeClient,
     NodeStatusWriter,
     annotation_changes,
@@ -91,14 +96,15 @@ def test_writer_writes_what_differs_and_keeps_other_conditions() -> None:
     assert [c["type"] for c in node["status"]["conditions"]] == ["Ready", CONDITION_GPU_HEALTHY]
     assert node["status"]["conditions"][0] == READY
     assert node_matches(verdict(), node)
-    assert nodes.writes == [("gpu-node-1", "annotations"), ("gpu-node-1", "condition")]
+    assert nodes.writes == [("gpu-node-1", ("annotations", "condition"))]  # one patch
 
     clock.now += timedelta(minutes=1)
     assert not writer.sync("gpu-node-1", verdict())  # nothing differs: no write
-    assert len(nodes.writes) == 2
+    assert len(nodes.writes) == 1
 
     clock.now += timedelta(minutes=1)
     assert writer.sync("gpu-node-1", verdict(7), nodes.get("gpu-node-1"))
+    assert nodes.writes[1:] == [("gpu-node-1", ("annotations", "condition"))]
     condition = gpu_condition_of(nodes.get("gpu-node-1"))
     assert condition is not None
     assert (condition["status"], condition["reason"]) == ("False", "GPUFellOffBus")
@@ -117,7 +123,85 @@ def test_a_condition_written_by_someone_else_is_corrected() -> None:
     node["metadata"]["annotations"][ANNOTATION_HEALTHY_GPUS] = "8"
     nodes = MemoryNodeClient([node])
     assert NodeStatusWriter(nodes, Clock()).sync("gpu-node-1", verdict())
-    assert nodes.writes == [("gpu-node-1", "condition")]
+    assert nodes.writes == [("gpu-node-1", ("condition",))]
     condition = gpu_condition_of(nodes.get("gpu-node-1"))
     assert condition is not None and condition["reason"] == "GPUsHealthy"
     assert condition["lastTransitionTime"] == "2027-01-01T00:00:00Z"  # status unchanged
+
+
+def test_annotations_changed_by_someone_else_are_written_alone() -> None:
+    nodes = MemoryNodeClient([new_node()])
+    clock = Clock()
+    writer = NodeStatusWriter(nodes, clock)
+    first = writer.sync("gpu-node-1", verdict())
+    written = gpu_condition_of(nodes.get("gpu-node-1"))
+    nodes.annotate("gpu-node-1", {ANNOTATION_HEALTHY_GPUS: "3"})  # not the agent's write
+    assert len(nodes.writes) == 1
+
+    clock.now += timedelta(minutes=1)
+    second = writer.sync("gpu-node-1", verdict())
+    assert nodes.writes[1:] == [("gpu-node-1", ("annotations",))]
+    assert first is not None and second is not None and int(second) > int(first)
+    node = nodes.get("gpu-node-1")
+    assert node["metadata"]["annotations"][ANNOTATION_HEALTHY_GPUS] == "8"
+    assert gpu_condition_of(node) == written  # the condition untouched, heartbeat too
+    assert node["metadata"]["resourceVersion"] == second
+
+
+def test_memory_client_merges_as_the_api_server_does() -> None:
+    nodes = MemoryNodeClient([new_node()])
+    other = {"type": "Other", "status": "True"}
+    nodes.patch_health("gpu-node-1", {}, other)
+    rv = nodes.patch_health("gpu-node-1", {"keep": None, "new": "1"}, dict(READY, status="False"))
+    node = nodes.get("gpu-node-1")
+    assert node["metadata"]["annotations"] == {"new": "1"}  # null removes
+    # Merged by type, in place: Ready keeps its place and its other fields.
+    assert [(c["type"], c["status"]) for c in node["status"]["conditions"]] == [
+        ("Ready", "False"), ("Other", "True")]
+    assert node["status"]["conditions"][0]["reason"] == "KubeletReady"
+    # A patch that changes nothing leaves the resourceVersion, but is a write.
+    assert nodes.patch_health("gpu-node-1", {"new": "1"}, None) == rv
+    assert len(nodes.writes) == 3
+    with pytest.raises(ValueError):
+        nodes.patch_health("gpu-node-1", {}, None)
+
+
+class RecordingCore:
+    """The CoreV1Api calls KubeNodeClient may make, recorded."""
+
+    class Reply:
+        def __init__(self, body: dict[str, Any]) -> None:
+            self.data = json.dumps(body).encode()
+
+        def release_conn(self) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+
+    def patch_node_status(self, name: str, body: dict[str, Any], **kwargs: Any) -> Reply:
+        self.calls.append(("patch_node_status", name, body, kwargs))
+        return self.Reply({"metadata": {"name": name, "resourceVersion": "42"}})
+
+    def patch_node(self, name: str, body: dict[str, Any], **kwargs: Any) -> Reply:
+        self.calls.append(("patch_node", name, body, kwargs))
+        return self.Reply({"metadata": {"name": name, "resourceVersion": "42"}})
+
+
+def test_kube_client_sends_one_status_patch_with_only_what_differs() -> None:
+    core = RecordingCore()
+    nodes = KubeNodeClient(core)  # type: ignore[arg-type]
+    condition = gpu_condition(verdict(), None, T0)
+    assert nodes.patch_health("n", {ANNOTATION_HEALTHY_GPUS: "8",
+                                    ANNOTATION_UNHEALTHY_GPUS: None}, condition) == "42"
+    nodes.patch_health("n", {ANNOTATION_HEALTHY_GPUS: "7"}, None)
+    nodes.patch_health("n", {}, condition)
+    assert [call[0] for call in core.calls] == ["patch_node_status"] * 3
+    assert [call[2] for call in core.calls] == [
+        {"metadata": {"annotations": {ANNOTATION_HEALTHY_GPUS: "8",
+                                      ANNOTATION_UNHEALTHY_GPUS: None}},
+         "status": {"conditions": [condition]}},
+        {"metadata": {"annotations": {ANNOTATION_HEALTHY_GPUS: "7"}}},
+        {"status": {"conditions": [condition]}},
+    ]
+    assert all(call[3]["_content_type"] == STRATEGIC_MERGE_PATCH for call in core.calls)

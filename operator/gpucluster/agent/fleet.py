@@ -13,10 +13,15 @@ Built to stay cheap at thousands of nodes:
   as last seen on the watch: a restart of the fleet against nodes that
   already show their verdict writes nothing, and a KWOK heartbeat that leaves
   the condition alone costs no write;
+* a write is one request: one patch of nodes/status carries the annotations
+  and the condition together (nodestatus.py), so a node never shows half a
+  verdict and each write comes back as one watch event;
 * nodes are kept as the few fields the fleet compares, not whole objects;
-* a watch event older than the fleet's own last write to a node (its two
-  patches arrive as two events, the first of them stale by the time it
-  lands) is dropped instead of undoing what the fleet knows it wrote;
+* a watch event older than the fleet's own last write to a node (the watch
+  lags the writes: a KWOK heartbeat or a user's annotation that landed
+  between the fleet's read and its write arrives after the write, without
+  it) is dropped instead of undoing what the fleet knows it wrote; the event
+  of the write itself, or any later one, carries whatever it missed;
 * writes go through a small pool of threads, one write per node at a time.
 """
 
@@ -140,11 +145,12 @@ class Fleet:
         # Nodes with a transient XID, whose verdict changes as it ages out.
         self._timed: set[str] = set()
         # Nodes queued for a write or being written: one write per node at a
-        # time, or the echo of a write's first patch would queue a second.
+        # time, or an event that lands while a write is in flight (the node
+        # as it was before it) would queue a second.
         self._pending: set[str] = set()
         self._writes: queue.Queue[str] = queue.Queue()
         self.changed = threading.Event()  # set when a node needs evaluating
-        self.writes_done = 0  # syncs that had to write
+        self.writes_done = 0  # syncs that had to write: one patch each
 
     # -- intake -----------------------------------------------------------
 

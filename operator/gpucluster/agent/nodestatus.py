@@ -2,12 +2,16 @@
 GPUHealthy condition and the healthy/unhealthy GPU annotations, and reads
 the fault-injection annotation of fake nodes.
 
-Writes only what differs from the node as last seen. The condition goes in
-with a strategic merge patch of status.conditions, which merges by condition
-type, so the kubelet's (or KWOK's) conditions stay as they are; its
-lastTransitionTime moves only when its status does.
+Writes only what differs from the node as last seen, in one strategic merge
+patch of the nodes/status subresource that carries the annotations, the
+condition, or both: the Node status strategy keeps the spec as it was but
+takes metadata from a status patch, so one request (one resourceVersion, one
+watch event) brings the node to its verdict. status.conditions merges by
+condition type, so the kubelet's (or KWOK's) conditions stay as they are;
+GPUHealthy's lastTransitionTime moves only when its status does.
 
-Needs RBAC: get/list/watch/patch on nodes and patch on nodes/status.
+Needs RBAC: get on nodes and patch on nodes/status, never patch on nodes
+(fleet mode also lists and watches nodes: kube/watch.py).
 """
 
 from __future__ import annotations
@@ -34,14 +38,33 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 class NodeClient(Protocol):
-    """The Node calls the agent makes; KubeNodeClient talks to the API server.
-    The patches return the Node's resourceVersion after them."""
+    """The Node calls the agent makes; KubeNodeClient talks to the API server."""
 
     def get(self, name: str) -> dict[str, Any]: ...
 
-    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str: ...
+    def patch_health(
+        self, name: str, annotations: Mapping[str, str | None],
+        condition: Mapping[str, str] | None,
+    ) -> str:
+        """One patch of the node's status subresource: the annotation changes
+        (None removes one; empty for none) and the GPUHealthy condition (None
+        for none), at least one of them. Returns the Node's resourceVersion
+        after it."""
+        ...
 
-    def patch_condition(self, name: str, condition: Mapping[str, str]) -> str: ...
+
+def health_patch(
+    annotations: Mapping[str, str | None], condition: Mapping[str, str] | None
+) -> dict[str, Any]:
+    """The body of a patch_health: only the parts it carries."""
+    if not annotations and condition is None:
+        raise ValueError("a health patch needs annotation changes or a condition")
+    body: dict[str, Any] = {}
+    if annotations:
+        body["metadata"] = {"annotations": dict(annotations)}
+    if condition is not None:
+        body["status"] = {"conditions": [dict(condition)]}
+    return body
 
 
 def gpu_condition_of(node: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -106,17 +129,18 @@ class NodeStatusWriter:
         self, name: str, verdict: NodeVerdict, node: Mapping[str, Any] | None = None
     ) -> str | None:
         """Bring the node to the verdict; `node` is the node as last seen (read
-        when not given). Returns the node's resourceVersion after the writes,
-        None when nothing had to be written."""
+        when not given), patched once at most. Returns the node's
+        resourceVersion after the patch, None when nothing had to be written."""
         if node is None:
             node = self._nodes.get(name)
         annotations = (node.get("metadata") or {}).get("annotations") or {}
         changes = annotation_changes(verdict, annotations)
-        written = self._nodes.patch_annotations(name, changes) if changes else None
         previous = gpu_condition_of(node)
-        if condition_matches(verdict, previous):
-            return written
-        return self._nodes.patch_condition(name, gpu_condition(verdict, previous, self._clock()))
+        condition = (None if condition_matches(verdict, previous)
+                     else gpu_condition(verdict, previous, self._clock()))
+        if not changes and condition is None:
+            return None
+        return self._nodes.patch_health(name, changes, condition)
 
 
 class KubeNodeClient:
@@ -131,16 +155,12 @@ class KubeNodeClient:
         body: dict[str, Any] = json.loads(read_reply(self.core.read_node(name, _preload_content=False)))
         return body
 
-    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str:
-        response: Any = self.core.patch_node(
-            name, {"metadata": {"annotations": dict(changes)}},
-            _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
-        )
-        return str(json.loads(read_reply(response))["metadata"]["resourceVersion"])
-
-    def patch_condition(self, name: str, condition: Mapping[str, str]) -> str:
+    def patch_health(
+        self, name: str, annotations: Mapping[str, str | None],
+        condition: Mapping[str, str] | None,
+    ) -> str:
         response: Any = self.core.patch_node_status(
-            name, {"status": {"conditions": [dict(condition)]}},
+            name, health_patch(annotations, condition),
             _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False,
         )
         return str(json.loads(read_reply(response))["metadata"]["resourceVersion"])
@@ -170,14 +190,18 @@ def connect(
 
 
 class MemoryNodeClient:
-    """NodeClient over Nodes held in memory, with the API server's merge
-    semantics for the two patches the agent sends (annotations merge, null
-    removes; conditions merge by type). It records every write. For tests,
-    and for trying the agent without a cluster."""
+    """NodeClient over Nodes held in memory, with the API server's semantics
+    for the agent's patch (annotations merge, null removes; conditions merge
+    by type; a patch that changes nothing keeps the resourceVersion). It
+    records every patch the agent sends. For tests, and for trying the agent
+    without a cluster; `annotate` plays someone else (kubectl) annotating a
+    node."""
 
     def __init__(self, nodes: Iterable[Mapping[str, Any]] = ()) -> None:
         self.nodes = {node["metadata"]["name"]: copy.deepcopy(dict(node)) for node in nodes}
-        self.writes: list[tuple[str, str]] = []  # (node name, "annotations" | "condition")
+        # One entry per patch_health: (node name, the parts it carried, of
+        # "annotations" and "condition").
+        self.writes: list[tuple[str, tuple[str, ...]]] = []
         self._lock = threading.Lock()
         # One counter for all nodes, as etcd's revision, above any version given.
         self._version = max((int(rv) for node in self.nodes.values()
@@ -190,26 +214,64 @@ class MemoryNodeClient:
                 raise LookupError(f"node {name} not found")
             return copy.deepcopy(self.nodes[name])
 
-    def patch_annotations(self, name: str, changes: Mapping[str, str | None]) -> str:
+    def patch_health(
+        self, name: str, annotations: Mapping[str, str | None],
+        condition: Mapping[str, str] | None,
+    ) -> str:
+        body = health_patch(annotations, condition)  # what KubeNodeClient would send
         with self._lock:
-            metadata = self.nodes[name].setdefault("metadata", {})
-            annotations = metadata.setdefault("annotations", {})
-            for key, value in changes.items():
-                if value is None:
-                    annotations.pop(key, None)
-                else:
-                    annotations[key] = value
-            self.writes.append((name, "annotations"))
+            node = self._node(name)
+            changed = False
+            if "metadata" in body:
+                changed = self._merge_annotations(node, body["metadata"]["annotations"])
+            for patched in (body.get("status") or {}).get("conditions", []):
+                changed = self._merge_condition(node, patched) or changed
+            self.writes.append((name, tuple(part for part, key in (
+                ("annotations", "metadata"), ("condition", "status")) if key in body)))
+            return self._new_version(name) if changed else str(node["metadata"]["resourceVersion"])
+
+    def annotate(self, name: str, changes: Mapping[str, str | None]) -> str:
+        """Someone else's patch of the node's annotations (a user's kubectl
+        annotate, a fault injection): not one of the agent's writes, so not
+        recorded in `writes`."""
+        with self._lock:
+            node = self._node(name)
+            self._merge_annotations(node, changes)
             return self._new_version(name)
 
-    def patch_condition(self, name: str, condition: Mapping[str, str]) -> str:
-        with self._lock:
-            status = self.nodes[name].setdefault("status", {})
-            conditions = [c for c in status.get("conditions") or []
-                          if c.get("type") != condition["type"]]
-            status["conditions"] = [*conditions, dict(condition)]
-            self.writes.append((name, "condition"))
-            return self._new_version(name)
+    def _node(self, name: str) -> dict[str, Any]:
+        if name not in self.nodes:
+            raise LookupError(f"node {name} not found")
+        node = self.nodes[name]
+        node["metadata"].setdefault("resourceVersion", "0")
+        return node
+
+    @staticmethod
+    def _merge_annotations(node: dict[str, Any], changes: Mapping[str, str | None]) -> bool:
+        metadata = node["metadata"]
+        annotations = metadata["annotations"] = metadata.get("annotations") or {}
+        changed = False
+        for key, value in changes.items():
+            if value is None:
+                changed = annotations.pop(key, None) is not None or changed
+            elif annotations.get(key) != value:
+                annotations[key] = value
+                changed = True
+        return changed
+
+    @staticmethod
+    def _merge_condition(node: dict[str, Any], condition: Mapping[str, str]) -> bool:
+        status = node["status"] = node.get("status") or {}
+        conditions = status["conditions"] = status.get("conditions") or []
+        for existing in conditions:
+            if existing.get("type") == condition["type"]:
+                merged = {**existing, **condition}
+                if merged == existing:
+                    return False
+                existing.update(condition)
+                return True
+        conditions.append(dict(condition))
+        return True
 
     def _new_version(self, name: str) -> str:
         self._version += 1
