@@ -8,7 +8,8 @@ Three sources:
   resources of change handlers and timers (its finalizer and its progress
   annotations).
 * The kubernetes client calls in gpucluster/handlers and gpucluster/kube,
-  found by name and translated by CLIENT_CALLS. A call the table does not
+  found by name and translated by CLIENT_CALLS (a list call in a file that
+  watches, `watch=True`, also needs watch). A call the table does not
   know fails the test that uses it: teach the table, then the chart.
 * What Kopf itself needs whatever the handlers are (events, CRD discovery,
   peering).
@@ -196,6 +197,13 @@ def operator_permissions(peering: bool = True) -> set[Permission]:
     needs = set(KOPF_ALWAYS) | kopf_permissions()
     for name in calls:
         needs |= _expand(*CLIENT_CALLS[name])
+    # A list call made with watch=True (kube/watch.py's NodeWatcher, which
+    # feeds the operator's node index) watches as well.
+    for path in (p for folder in OPERATOR_SOURCES for p in folder.rglob("*.py")):
+        text = path.read_text()
+        if "watch=True" in text:
+            for name in set(re.findall(r"\.(list_\w+)\(", text)) & set(CLIENT_CALLS):
+                needs |= {p._replace(verb="watch") for p in _expand(*CLIENT_CALLS[name])}
     for source, (verbs, permissions) in FOREIGN_SOURCES.items():
         used = _calls_in(REPO_ROOT / source)
         unknown = sorted(used - set(verbs))
