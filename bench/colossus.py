@@ -267,6 +267,7 @@ def main() -> int:
             rows.append(("1. kubectl get tc NODES while provisioning", f"{len(shown)} values",
                          ", ".join(shown[:: max(1, len(shown) // 6)][:6])))
             usage("1", operator.pid, cpu0)
+            end_of_phase_1 = len(rows)
 
             cpu0 = cpu_now(operator.pid)
             trace = list(generate(args.jobs, seed=7, mean_interarrival=0.0001, mean_runtime=3600,
@@ -302,7 +303,7 @@ def main() -> int:
             healthy_waiter.join()
             if not all_healthy:
                 raise SystemExit(f"timed out waiting for {args.nodes} nodes GPUHealthy")
-            rows.append(("1. GPUHealthy on every node s", f"{all_healthy[0] - agent_started:.0f}",
+            rows.insert(end_of_phase_1, ("1. GPUHealthy on every node s", f"{all_healthy[0] - agent_started:.0f}",
                          f"the fleet agent's first health write on each node, from its start once all were "
                          f"Ready ({args.nodes / (all_healthy[0] - agent_started):.0f} nodes/s, beside phase 2)"))
             cpu0 = cpu_now(operator.pid)
