@@ -55,14 +55,16 @@ pools = st.lists(st.builds(NodeHealth, name=st.uuids().map(str), ready=st.boolea
        per_window=st.integers(0, 3), can_replace=st.booleans())
 def test_the_plain_healthy_nodes_only_need_counting(nodes: list[NodeHealth], extra_desired: int,
                                                    budget: int | str, per_window: int, can_replace: bool) -> None:
-    """The operator passes only the nodes a pass may act on, and the count
-    of all: the plan is the one over every node."""
+    """The operator passes only the nodes a pass may act on, the count of
+    all, and of those left out that are not Ready: the plan is the one over
+    every node."""
     policy = RemediationBudget(budget, max_per_window=per_window, window_seconds=300)
     desired = len(nodes) + extra_desired
-    looked_at = [n for n in nodes if not n.ready or not n.gpu_healthy or n.quarantined]
-    assert plan_remediation(looked_at, desired, policy, [900.0], 1000.0, can_replace,
-                            present_nodes=len(nodes)) == plan_remediation(nodes, desired, policy, [900.0], 1000.0,
-                                                                          can_replace)
+    looked_at = [n for n in nodes if not n.gpu_healthy or n.quarantined]
+    not_ready = sum(1 for n in nodes if n not in looked_at and not n.ready)
+    assert plan_remediation(looked_at, desired, policy, [900.0], 1000.0, can_replace, present_nodes=len(nodes),
+                            unlisted_not_ready=not_ready) == plan_remediation(nodes, desired, policy, [900.0],
+                                                                              1000.0, can_replace)
 
 
 @settings(max_examples=400, deadline=None)

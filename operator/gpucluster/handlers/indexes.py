@@ -113,6 +113,12 @@ class NodeIndex:
         nodes = self._by_cluster.get(cluster)
         return nodes.values() if nodes is not None else ()
 
+    def by_name(self, cluster: str) -> dict[str, ObservedNode]:
+        """A copy of the cluster's nodes by name (copied in C: 25,000 in a
+        fraction of a millisecond), which the watch does not change under
+        its holder."""
+        return dict(self._by_cluster.get(cluster, {}))
+
     def start(self, core: Any) -> None:
         self._loop = asyncio.get_running_loop()
         self._watcher = NodeWatcher(core, self, label_selector=names.LABEL_CLUSTER)

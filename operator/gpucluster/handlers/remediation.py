@@ -16,9 +16,10 @@ the replica pauses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -55,10 +56,18 @@ UNSEEN_WRITE_TTL_S = 120.0
 RESYNC_INTERVAL_S = 5.0
 
 
+@dataclasses.dataclass
+class PoolCount:
+    """A pool's nodes, all of them, and those a pass left out that are not Ready."""
+
+    present: int = 0
+    unlisted_not_ready: int = 0
+
+
 def needs_a_look(node: ObservedNode) -> bool:
     """Whether remediation may plan anything for the node: a pass leaves the
-    others (Ready, healthy, not quarantined) to its count of the pool."""
-    return not node.ready or bool(node.gpu_fault) or node.quarantined
+    others (healthy GPUs, not quarantined) to its counts of the pool."""
+    return bool(node.gpu_fault) or node.quarantined
 
 
 def health_of(node: ObservedNode) -> NodeHealth:
@@ -88,14 +97,14 @@ async def _each(names_: Sequence[str], write: Any) -> list[str]:
     return done
 
 
-async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[ObservedNode], present_nodes: int,
+async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[ObservedNode], counts: PoolCount,
                          memory: PoolRemediation) -> RemediationPlan:
     """One remediation pass over one pool; returns the plan it applied.
-    `owned` holds at least the pool's nodes that are not Ready and healthy,
-    or quarantined, or written by an earlier pass (see `needs_a_look`);
-    `present_nodes` counts all of them. `body` is read just before the
-    pass: this path is the only writer of status.remediation, so it holds
-    every quarantine already counted."""
+    `owned` holds at least the pool's nodes with a GPU fault or a
+    quarantine, or written by an earlier pass (see `needs_a_look`); `counts`
+    counts all of them, and those left out that are not Ready. `body` is
+    read just before the pass: this path is the only writer of
+    status.remediation, so it holds every quarantine already counted."""
     cluster = body["metadata"]["name"]
     started = time.monotonic()
     now = time.time()
@@ -107,7 +116,8 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
                                                    UNSEEN_WRITE_TTL_S)
     plan = plan_remediation(healths, pool.nodes, budget_of(pool), recent, now,
                             can_replace=pool.provider in REPLACEABLE,
-                            present_nodes=present_nodes - (len(owned) - len(healths)))
+                            present_nodes=counts.present - (len(owned) - len(healths)),
+                            unlisted_not_ready=counts.unlisted_not_ready)
     quarantine_writes = dict(memory.unseen.quarantine)
     deletes = dict(memory.unseen.deleted)
     labels = (cluster, pool.name)
@@ -185,13 +195,21 @@ async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[
     passes.pools = {p.name: passes.pools.get(p.name) or PoolRemediation() for p in spec.pools}
     written = {name for memory in passes.pools.values()
                for name in (*memory.unseen.quarantine, *memory.unseen.deleted)}
-    present = Counter(node.pool for node in nodes)
-    owned = owned_nodes((n for n in nodes if needs_a_look(n) or n.name in written), pods_by_node)
+    counts: dict[str, PoolCount] = defaultdict(PoolCount)
+    looked_at = []
+    for node in nodes:
+        count = counts[node.pool]
+        count.present += 1
+        if needs_a_look(node) or node.name in written:
+            looked_at.append(node)
+        elif not node.ready:
+            count.unlisted_not_ready += 1
+    owned = owned_nodes(looked_at, pods_by_node)
     for pool in spec.pools:
         if wanted is not None and pool.name not in wanted:
             continue
         try:
-            await remediate_pool(body, pool, owned.get(pool.name, []), present[pool.name],
+            await remediate_pool(body, pool, owned.get(pool.name, []), counts[pool.name],
                                  passes.pools[pool.name])
         except Exception as err:
             # Not retried here: the next pass, within seconds, runs this pool again.

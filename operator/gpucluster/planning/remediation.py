@@ -72,11 +72,13 @@ def plan_remediation(
     now: float,
     can_replace: bool,
     present_nodes: int | None = None,
+    unlisted_not_ready: int = 0,
 ) -> RemediationPlan:
-    """One step of remediation for one pool. `nodes` may leave out nodes
-    that are Ready, healthy and not quarantined (nothing is planned for
-    them) when `present_nodes` counts every node of the pool: at 25,000
-    nodes, a pass during a fault storm then looks at the faulty few."""
+    """One step of remediation for one pool. `nodes` may leave out the nodes
+    with healthy GPUs and no quarantine, for which nothing is planned, when
+    `present_nodes` counts every node of the pool and `unlisted_not_ready`
+    those of them left out that are not Ready: at 25,000 nodes, a pass then
+    looks at the faulty few, not at every node still coming up."""
     quarantined = [n for n in nodes if n.quarantined]
     release = tuple(n.name for n in quarantined if n.gpu_healthy and n.ready)
     fatal = [n for n in quarantined if not n.gpu_healthy and n.fatal]
@@ -84,7 +86,7 @@ def plan_remediation(
     replace = tuple(n.name for n in fatal if not n.busy and can_replace and budget.replace)
 
     missing = max(0, desired_nodes - (len(nodes) if present_nodes is None else present_nodes))
-    not_ready = sum(1 for n in nodes if not n.ready and not n.quarantined)
+    not_ready = sum(1 for n in nodes if not n.ready and not n.quarantined) + unlisted_not_ready
     unavailable = len(quarantined) - len(release) + not_ready + missing
     allowed_by_count = budget.unavailable_allowed(desired_nodes) - unavailable
     if budget.max_per_window > 0:
