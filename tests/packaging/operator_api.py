@@ -197,13 +197,16 @@ def operator_permissions(peering: bool = True) -> set[Permission]:
     needs = set(KOPF_ALWAYS) | kopf_permissions()
     for name in calls:
         needs |= _expand(*CLIENT_CALLS[name])
-    # A list call made with watch=True (kube/watch.py's NodeWatcher, which
-    # feeds the operator's node index) watches as well.
+    # A list call made with watch=True watches as well, and so does one
+    # handed to kube/watch.py's ListWatcher (the node and pod indexes, the
+    # fleet agent's node watch), which makes it both ways.
     for path in (p for folder in OPERATOR_SOURCES for p in folder.rglob("*.py")):
         text = path.read_text()
-        if "watch=True" in text:
-            for name in set(re.findall(r"\.(list_\w+)\(", text)) & set(CLIENT_CALLS):
-                needs |= {p._replace(verb="watch") for p in _expand(*CLIENT_CALLS[name])}
+        watched = set(re.findall(r"\.(list_\w+)\(.*watch=True", text))
+        watched |= set(re.findall(r"ListWatcher\(\w+\.(list_\w+)\b", text))
+        watched |= set(re.findall(r"self\._start\(core\.(list_\w+)\b", text))
+        for name in watched & set(CLIENT_CALLS):
+            needs |= {p._replace(verb="watch") for p in _expand(*CLIENT_CALLS[name])}
     for source, (verbs, permissions) in FOREIGN_SOURCES.items():
         used = _calls_in(REPO_ROOT / source)
         unknown = sorted(used - set(verbs))

@@ -13,7 +13,7 @@ from gpucluster.agent.exporter import DcgmCollector
 from gpucluster.agent.fleet import Fleet, FleetRunner, fleet_watcher, gpu_count
 from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
 from gpucluster.agent.nodestatus import MemoryNodeClient, gpu_condition_of
-from gpucluster.kube.watch import NodeWatcher
+from gpucluster.kube.watch import ListWatcher
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_KWOK_NODE,
@@ -278,7 +278,7 @@ def test_metrics_cover_every_node() -> None:
 
 
 class FakeCore:
-    """The two list_node calls NodeWatcher makes, answered from scripts."""
+    """The two list_node calls a ListWatcher of Nodes makes, answered from scripts."""
 
     class Response:
         def __init__(self, body: bytes = b"", lines: list[dict[str, Any]] | None = None):
@@ -314,7 +314,7 @@ def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
     fleet = Fleet(api)
     deleted = kwok_node("a")
     deleted["metadata"]["resourceVersion"] = "130"
-    watcher: NodeWatcher
+    watcher: ListWatcher
     core = FakeCore(
         pages=[([kwok_node("a")], "page-2"), ([kwok_node("b")], None),  # the first list
                ([kwok_node("b")], None)],  # the list after the watch expired

@@ -49,7 +49,7 @@ from gpucluster.agent.nodestatus import (
     gpu_condition_of,
     node_matches,
 )
-from gpucluster.kube.watch import NodeWatcher
+from gpucluster.kube.watch import ListWatcher
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_KWOK_NODE,
@@ -322,18 +322,18 @@ def _as_written(
 
 
 def fleet_watcher(core: kubernetes.client.CoreV1Api, fleet: Fleet, *, node_selector: str = "",
-                  **options: Any) -> NodeWatcher:
+                  **options: Any) -> ListWatcher:
     """The watch of the Nodes with a GPU product label that feeds a Fleet.
     `node_selector` narrows the nodes further (a label selector), to split
     a fleet over several processes or to keep a test to its own nodes."""
-    return NodeWatcher(core, fleet, label_selector=",".join(filter(None, (LABEL_GPU_PRODUCT, node_selector))),
+    return ListWatcher(core.list_node, fleet, label_selector=",".join(filter(None, (LABEL_GPU_PRODUCT, node_selector))),
                        **options)
 
 
 class FleetRunner:
     """The fleet's threads: the node watch, the evaluation loop and the writers."""
 
-    def __init__(self, fleet: Fleet, watcher: NodeWatcher, *, interval: float,
+    def __init__(self, fleet: Fleet, watcher: ListWatcher, *, interval: float,
                  writers: int = DEFAULT_WRITERS) -> None:
         self.fleet = fleet
         self.watcher = watcher

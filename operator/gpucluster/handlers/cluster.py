@@ -11,7 +11,7 @@ status.remediation, and the reconcile only reads it (for Degraded).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -248,15 +248,15 @@ async def _write_status(name: str, body: Any, status: dict[str, Any]) -> None:
                api.PLURAL, name, {"status": status})
 
 
-async def reconcile(state: OperatorState, name: str, pods_by_node: kopf.Index[str, str],
-                    claims_by_cluster: kopf.Index[str, ObservedClaim], logger: Any) -> None:
-    await state.nodes.synced.wait()
+async def reconcile(state: OperatorState, name: str, claims_by_cluster: kopf.Index[str, ObservedClaim],
+                    logger: Any) -> None:
+    await state.synced()
     async with state.reconcile_lock(name):
         started = time.monotonic()
         try:
             while True:
                 try:
-                    await _reconcile_once(name, state.nodes, pods_by_node, claims_by_cluster, logger)
+                    await _reconcile_once(name, state.nodes, state.pods.busy_nodes, claims_by_cluster, logger)
                     break
                 except _SpecChanged:
                     logger.info("spec changed during scale-up; planning again from the newest")
@@ -269,7 +269,7 @@ async def reconcile(state: OperatorState, name: str, pods_by_node: kopf.Index[st
 
 
 async def _reconcile_once(name: str, index: NodeIndex,
-                          pods_by_node: kopf.Index[str, str], claims_by_cluster: kopf.Index[str, ObservedClaim],
+                          busy_nodes: Container[str], claims_by_cluster: kopf.Index[str, ObservedClaim],
                           logger: Any) -> None:
     body = await read_cluster(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -286,7 +286,7 @@ async def _reconcile_once(name: str, index: NodeIndex,
             body["metadata"].get("generation", 0))})
         return
     pools = {p.name: p for p in spec.pools}
-    owned = owned_nodes(index.get(name), pods_by_node)
+    owned = owned_nodes(index.get(name), busy_nodes)
     plans: dict[str, tuple[PoolShape, PoolPlan]] = {}
     for pool in spec.pools:
         if pool.provider == api.Provider.KARPENTER:
@@ -311,7 +311,7 @@ async def _reconcile_once(name: str, index: NodeIndex,
         errors = list(karpenter.errors)
 
         async def report() -> None:
-            now_owned = owned_nodes(index.get(name), pods_by_node)
+            now_owned = owned_nodes(index.get(name), busy_nodes)
             counts = {p.name: count_pool(shape_of(name, p), now_owned.get(p.name, [])) for p in spec.pools}
             status = _status(body, spec, counts, _budget_exhausted(body, spec), karpenter)
             await _write_status(name, body, status)
@@ -337,18 +337,16 @@ async def _reconcile_once(name: str, index: NodeIndex,
 @kopf.on.resume(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, api.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, api.PLURAL, field="spec")  # type: ignore[arg-type]
-async def cluster_changed(*, name: str, memo: Any, pods_by_node: kopf.Index[str, str],
-                          claims_by_cluster: kopf.Index[str, ObservedClaim],
+async def cluster_changed(*, name: str, memo: Any, claims_by_cluster: kopf.Index[str, ObservedClaim],
                           logger: Any, **_: Any) -> None:
-    await reconcile(state_of(memo), name, pods_by_node, claims_by_cluster, logger)
+    await reconcile(state_of(memo), name, claims_by_cluster, logger)
 
 
 @kopf.timer(names.GROUP, names.VERSION, api.PLURAL, interval=RESYNC_INTERVAL_S,  # type: ignore[arg-type]
             initial_delay=RESYNC_INTERVAL_S)
-async def cluster_resync(*, name: str, memo: Any, pods_by_node: kopf.Index[str, str],
-                         claims_by_cluster: kopf.Index[str, ObservedClaim],
+async def cluster_resync(*, name: str, memo: Any, claims_by_cluster: kopf.Index[str, ObservedClaim],
                          logger: Any, **_: Any) -> None:
-    await reconcile(state_of(memo), name, pods_by_node, claims_by_cluster, logger)
+    await reconcile(state_of(memo), name, claims_by_cluster, logger)
 
 
 @kopf.on.delete(names.GROUP, names.VERSION, api.PLURAL)  # type: ignore[arg-type]

@@ -1,20 +1,38 @@
-"""The operator's in-memory view of nodes (a watch of its own, NodeIndex) and
-pods (Kopf indexes), so handlers never LIST the cluster (at 25,000 nodes that
-is the difference between working and not)."""
+"""The operator's in-memory view of nodes and pods (NodeIndex, PodIndex: a
+watch of its own for each), so handlers never LIST the cluster (at 25,000
+nodes that is the difference between working and not).
+
+Why not Kopf's indexes: at 25,000 nodes, Node events (KWOK's status posts,
+the agents' GPU health writes) are most of the operator's traffic, and Kopf
+gives each one its full per-object treatment (a worker task, cause
+detection, diff-base bookkeeping) although no change handler watches Nodes.
+Profiled at 5,000 nodes (py-spy), that treatment took more of the event loop
+than every decision the operator makes; here an event costs one JSON parse
+and one small record. Pods left Kopf for another reason, measured at a
+restart: until every indexed object is in, Kopf holds each object's worker
+on one condition that every new object notifies, so a start with N objects
+costs N^2 wake-ups (3,600 objects: 100 s of a busy event loop before the
+first handler ran; with 3,000 of them pods). TrainingJobs stay in Kopf, for
+their handlers. Both watches also run while peering holds this replica
+back, so a standby takes over with its indexes warm.
+
+Each watch thread hands each object to the event loop, which alone touches
+the index; handlers read it there, after `synced` (Kopf's own indexes give
+the same promise: complete before any handler runs)."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
 from typing import Any
-
-import kopf
 
 from gpucluster import names
 from gpucluster.kube.nodes import ANNOTATION_DRAINING, ANNOTATION_QUARANTINE, LABEL_ORDINAL
-from gpucluster.kube.watch import NodeWatcher
+from gpucluster.kube.watch import ListWatcher
+from gpucluster.planning.jobs import WorkerPod
 from gpucluster.planning.karpenter import provider_topology
 from gpucluster.planning.pools import ObservedNode
 from gpucluster.timestamps import epoch
@@ -58,19 +76,7 @@ def observe_node(name: str, labels: Any, annotations: Any, spec: Any, status: An
     )
 
 
-@kopf.index("pods")
-def pods_by_node(*, namespace: str | None, name: str, spec: Any, status: Any, meta: Any,
-                 **_: Any) -> dict[str, str] | None:
-    """Pods that keep a node busy: bound, not finished, not a DaemonSet's."""
-    node = spec.get("nodeName")
-    if not node or (status or {}).get("phase") in ("Succeeded", "Failed"):
-        return None
-    if any(o.get("kind") == "DaemonSet" for o in meta.get("ownerReferences") or []):
-        return None
-    return {node: f"{namespace}/{name}"}
-
-
-def owned_nodes(nodes: Iterable[ObservedNode], busy_nodes: kopf.Index[str, str],
+def owned_nodes(nodes: Iterable[ObservedNode], busy_nodes: Container[str],
                 pool: str | None = None) -> dict[str, list[ObservedNode]]:
     """The nodes by pool (or of one pool), each marked busy when a pod keeps
     it so."""
@@ -84,30 +90,45 @@ def owned_nodes(nodes: Iterable[ObservedNode], busy_nodes: kopf.Index[str, str],
     return by_pool
 
 
-class NodeIndex:
-    """The cluster's Nodes as ObservedNodes, by TrainingCluster, fed by a
-    watch of our own rather than a kopf.index.
+class _WatchedIndex(abc.ABC):
+    """What both indexes share: a watch thread that lists and watches one
+    kind, and hands what it reads to the event loop (the sink methods run
+    in the watch thread)."""
 
-    Why not Kopf: at 25,000 nodes, Node events (KWOK's status posts, the
-    agents' GPU health writes) are most of the operator's traffic, and Kopf
-    gives each one its full per-object treatment (a worker task, cause
-    detection, diff-base bookkeeping) although no change handler watches
-    Nodes. Profiled at 5,000 nodes (py-spy), that treatment took more of the
-    event loop than every decision the operator makes; here an event costs
-    one JSON parse and one ObservedNode. The watch also runs while peering
-    holds this replica back, so a standby takes over with its index warm.
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher: ListWatcher | None = None
+        self.synced = asyncio.Event()
 
-    The watch thread hands each node to the event loop, which alone touches
-    the index; handlers read it there, after `synced` (Kopf's own indexes
-    give the same promise: complete before any handler runs)."""
+    def _start(self, list_call: Callable[..., Any], label_selector: str, thread: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._watcher = ListWatcher(list_call, self, label_selector=label_selector)
+        self._watcher.start(thread)
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    @abc.abstractmethod
+    def replace_all(self, objects: Iterator[Mapping[str, Any]]) -> None: ...
+
+    @abc.abstractmethod
+    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None: ...
+
+    def _call(self, apply: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: the operator is exiting
+            self._loop.call_soon_threadsafe(apply, *args)
+
+
+class NodeIndex(_WatchedIndex):
+    """The cluster's Nodes as ObservedNodes, by TrainingCluster."""
 
     def __init__(self, on_attention: Callable[[str, str], None] | None = None) -> None:
+        super().__init__()
         self._by_cluster: dict[str, dict[str, ObservedNode]] = {}
         self._cluster_of: dict[str, str] = {}
         self._on_attention = on_attention
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._watcher: NodeWatcher | None = None
-        self.synced = asyncio.Event()
 
     def get(self, cluster: str) -> Collection[ObservedNode]:
         nodes = self._by_cluster.get(cluster)
@@ -120,30 +141,19 @@ class NodeIndex:
         return dict(self._by_cluster.get(cluster, {}))
 
     def start(self, core: Any) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._watcher = NodeWatcher(core, self, label_selector=names.LABEL_CLUSTER)
-        self._watcher.start("node-index")
-
-    def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
+        self._start(core.list_node, names.LABEL_CLUSTER, "node-index")
 
     # -- the watch thread's side ---------------------------------------------
 
-    def replace_all(self, nodes: Iterator[Mapping[str, Any]]) -> None:
-        listed = [_observed(node) for node in nodes]
+    def replace_all(self, objects: Iterator[Mapping[str, Any]]) -> None:
+        listed = [_observed(node) for node in objects]
         self._call(self._replace, listed)
 
-    def observe(self, event_type: str, node: Mapping[str, Any]) -> None:
+    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None:
         if event_type == "DELETED":
-            self._call(self._forget, node["metadata"]["name"])
+            self._call(self._forget, obj["metadata"]["name"])
         else:
-            self._call(self._put, *_observed(node))
-
-    def _call(self, apply: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop closed: the operator is exiting
-            self._loop.call_soon_threadsafe(apply, *args)
+            self._call(self._put, *_observed(obj))
 
     # -- the event loop's side -----------------------------------------------
 
@@ -168,6 +178,144 @@ class NodeIndex:
             del nodes[name]
             if not nodes:
                 del self._by_cluster[cluster]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedPod:
+    """What the operator keeps of one pod: its node, whether it keeps the
+    node busy, the worker it is (a TrainingJob's), or the GPUs it holds
+    there for no TrainingJob."""
+
+    node: str
+    busy: bool
+    worker: WorkerPod | None
+    foreign_gpus: int
+
+
+def _gpu_request(pod_spec: Any) -> int:
+    total = 0
+    for container in pod_spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        value = (resources.get("limits") or {}).get(names.GPU_RESOURCE) or (
+            resources.get("requests") or {}).get(names.GPU_RESOURCE)
+        total += int(value or 0)
+    return total
+
+
+def index_pod(pod: Mapping[str, Any]) -> IndexedPod:
+    meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    node = spec.get("nodeName") or ""
+    finished = status.get("phase") in ("Succeeded", "Failed")
+    # Bound, not finished, not a DaemonSet's: the pod keeps its node from being removed.
+    busy = bool(node) and not finished and not any(
+        owner.get("kind") == "DaemonSet" for owner in meta.get("ownerReferences") or [])
+    worker = None
+    foreign = 0
+    # Every namespace's worker pods, served or not: their GPUs are held whoever serves them.
+    if names.LABEL_JOB_NAME in labels:
+        terminated: dict[str, Any] = next(
+            (s["state"]["terminated"] for s in status.get("containerStatuses") or []
+             if (s.get("state") or {}).get("terminated")), {})
+        worker = WorkerPod(
+            name=meta["name"], job_key=f"{meta.get('namespace', '')}/{labels[names.LABEL_JOB_NAME]}",
+            attempt=int(labels.get(names.LABEL_JOB_ATTEMPT, 0)), rank=int(labels.get(names.LABEL_JOB_RANK, 0)),
+            node=node, phase=status.get("phase", "Pending"), gpus=_gpu_request(spec),
+            terminating=bool(meta.get("deletionTimestamp")),
+            exit_code=terminated.get("exitCode"), reason=terminated.get("reason", ""),
+        )
+    elif node and not finished:
+        foreign = _gpu_request(spec)
+    return IndexedPod(node=node, busy=busy, worker=worker, foreign_gpus=foreign)
+
+
+class PodIndex(_WatchedIndex):
+    """Every pod, kept as three views: the nodes pods keep busy, the worker
+    pods of each TrainingJob, and the GPUs other pods hold on each node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pods: dict[str, IndexedPod] = {}
+        self._busy: dict[str, dict[str, bool]] = {}
+        self._workers: dict[str, dict[str, WorkerPod]] = {}
+        self._foreign: dict[str, dict[str, int]] = {}
+
+    @property
+    def busy_nodes(self) -> Container[str]:
+        """Nodes that a bound, unfinished pod keeps busy."""
+        return self._busy.keys()
+
+    def workers(self, job_key: str) -> list[WorkerPod]:
+        return list(self._workers.get(job_key, {}).values())
+
+    def job_keys(self) -> list[str]:
+        """The jobs ("namespace/name") with worker pods, jobs gone included."""
+        return list(self._workers)
+
+    def foreign_gpus(self, nodes: Container[str]) -> dict[str, int]:
+        """GPUs that pods of no TrainingJob hold, on those of `nodes` where
+        some do: a handful, not 25,000 zeros."""
+        return {node: held for node, pods in self._foreign.items()
+                if node in nodes and (held := sum(pods.values()))}
+
+    def start(self, core: Any) -> None:
+        self._start(core.list_pod_for_all_namespaces, "", "pod-index")
+
+    # -- the watch thread's side ---------------------------------------------
+
+    def replace_all(self, objects: Iterator[Mapping[str, Any]]) -> None:
+        listed = [(_pod_key(pod), index_pod(pod)) for pod in objects]
+        self._call(self._replace, listed)
+
+    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        key = _pod_key(obj)
+        if event_type == "DELETED":
+            self._call(self._forget, key)
+        else:
+            self._call(self._put, key, index_pod(obj))
+
+    # -- the event loop's side -----------------------------------------------
+
+    def _replace(self, listed: list[tuple[str, IndexedPod]]) -> None:
+        self._pods, self._busy, self._workers, self._foreign = {}, {}, {}, {}
+        for key, pod in listed:
+            self._put(key, pod)
+        self.synced.set()
+
+    def _put(self, key: str, pod: IndexedPod) -> None:
+        if self._pods.get(key) == pod:
+            return
+        self._forget(key)
+        self._pods[key] = pod
+        if pod.busy:
+            self._busy.setdefault(pod.node, {})[key] = True
+        if pod.worker is not None:
+            self._workers.setdefault(pod.worker.job_key, {})[key] = pod.worker
+        if pod.foreign_gpus:
+            self._foreign.setdefault(pod.node, {})[key] = pod.foreign_gpus
+
+    def _forget(self, key: str) -> None:
+        pod = self._pods.pop(key, None)
+        if pod is None:
+            return
+        if pod.busy:
+            _discard(self._busy, pod.node, key)
+        if pod.worker is not None:
+            _discard(self._workers, pod.worker.job_key, key)
+        if pod.foreign_gpus:
+            _discard(self._foreign, pod.node, key)
+
+
+def _discard(groups: dict[str, dict[str, Any]], group: str, key: str) -> None:
+    members = groups[group]
+    del members[key]
+    if not members:
+        del groups[group]
+
+
+def _pod_key(pod: Mapping[str, Any]) -> str:
+    meta = pod["metadata"]
+    return f"{meta.get('namespace', '')}/{meta['name']}"
 
 
 def _observed(node: Mapping[str, Any]) -> tuple[str, ObservedNode]:

@@ -23,6 +23,7 @@ import kubernetes
 from gpucluster import metrics, names
 from gpucluster.api import cluster as cluster_api
 from gpucluster.api import job as api
+from gpucluster.handlers.indexes import PodIndex
 from gpucluster.handlers.state import OperatorState, state_of
 from gpucluster.kube import jobs as kube_jobs
 from gpucluster.kube.client import CONCURRENCY, call, custom, status_of
@@ -93,42 +94,6 @@ def jobs_by_cluster(*, namespace: str | None, name: str, uid: str, meta: Any, sp
     """Jobs judged at least once (they have a pool), by cluster."""
     view = job_view(namespace or "", name, uid, meta, spec, status)
     return {view.cluster: view} if view.pool else None
-
-
-def _gpu_request(pod_spec: Any) -> int:
-    total = 0
-    for container in pod_spec.get("containers") or []:
-        resources = container.get("resources") or {}
-        value = (resources.get("limits") or {}).get(names.GPU_RESOURCE) or (
-            resources.get("requests") or {}).get(names.GPU_RESOURCE)
-        total += int(value or 0)
-    return total
-
-
-# Every namespace's worker pods, served or not: their GPUs are held whoever serves them.
-@kopf.index("pods", labels={names.LABEL_JOB_NAME: kopf.PRESENT})
-def workers_by_job(*, namespace: str | None, name: str, labels: Any, meta: Any, spec: Any, status: Any,
-                   **_: Any) -> dict[str, WorkerPod]:
-    terminated: dict[str, Any] = next((s["state"]["terminated"] for s in (status or {}).get("containerStatuses") or []
-                                       if (s.get("state") or {}).get("terminated")), {})
-    pod = WorkerPod(
-        name=name, job_key=f"{namespace}/{labels[names.LABEL_JOB_NAME]}",
-        attempt=int(labels.get(names.LABEL_JOB_ATTEMPT, 0)), rank=int(labels.get(names.LABEL_JOB_RANK, 0)),
-        node=spec.get("nodeName", ""), phase=(status or {}).get("phase", "Pending"),
-        gpus=_gpu_request(spec), terminating=bool(meta.get("deletionTimestamp")),
-        exit_code=terminated.get("exitCode"), reason=terminated.get("reason", ""),
-    )
-    return {pod.job_key: pod}
-
-
-@kopf.index("pods")
-def foreign_gpus_by_node(*, labels: Any, spec: Any, status: Any, **_: Any) -> dict[str, int] | None:
-    """GPUs that pods of no TrainingJob hold, per node."""
-    node = spec.get("nodeName")
-    if not node or names.LABEL_JOB_NAME in labels or (status or {}).get("phase") in ("Succeeded", "Failed"):
-        return None
-    gpus = _gpu_request(spec)
-    return {node: gpus} if gpus else None
 
 
 def _reference(view: JobView) -> Any:
@@ -251,15 +216,14 @@ def _export_allocation_metrics(cluster: str, spec: Any, nodes: Mapping[str, Obse
         metrics.pool_gpus.labels(*labels, "free").set(max(0, usable[pool["name"]] - allocated[pool["name"]]))
 
 
-def _worker_pods(views: Iterable[JobView], names_: Container[str],
-                 workers_by_job: kopf.Index[str, WorkerPod]) -> dict[str, list[WorkerPod]]:
+def _worker_pods(views: Iterable[JobView], names_: Container[str], index: PodIndex) -> dict[str, list[WorkerPod]]:
     """Worker pods by job: the cluster's jobs, and jobs gone from the index
     whose pods are still on the cluster's nodes (`names_`)."""
     keys = {v.key for v in views}
-    pods = {key: list(workers_by_job.get(key, [])) for key in keys}
-    for key in workers_by_job:
+    pods = {key: index.workers(key) for key in keys}
+    for key in index.job_keys():
         if key not in keys:
-            stray = [p for p in workers_by_job.get(key, []) if p.node in names_]
+            stray = [p for p in index.workers(key) if p.node in names_]
             if stray:
                 pods[key] = stray
     return pods
@@ -268,10 +232,9 @@ def _worker_pods(views: Iterable[JobView], names_: Container[str],
 @kopf.timer(names.GROUP, names.VERSION, cluster_api.PLURAL, interval=CYCLE_INTERVAL_S,  # type: ignore[arg-type]
             id="admission")
 async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: kopf.Index[str, JobView],
-                         workers_by_job: kopf.Index[str, WorkerPod],
-                         foreign_gpus_by_node: kopf.Index[str, int], **_: Any) -> None:
+                         **_: Any) -> None:
     state = state_of(memo)
-    await state.nodes.synced.wait()
+    await state.synced()
     async with state.job_lock(name):
         now = time.time()
         indexed = list(jobs_by_cluster.get(name, []))
@@ -279,12 +242,10 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
         views, kept = overlay_assumed(indexed, state.assumed_jobs, now)
         state.assumed_jobs = {**others, **kept}
         by_name = state.nodes.by_name(name)
-        # Only the nodes where other pods hold GPUs: a handful, not 25,000 zeros.
-        foreign = {node: held for node in foreign_gpus_by_node
-                   if node in by_name and (held := sum(foreign_gpus_by_node.get(node, [])))}
+        foreign = state.pods.foreign_gpus(by_name)
         _export_queue_metrics(name, views, now)
         _export_allocation_metrics(name, spec, by_name, views, foreign)
-        pods = _worker_pods(views, by_name, workers_by_job)
+        pods = _worker_pods(views, by_name, state.pods)
         if not views and not pods:
             return
         facts = ClusterFacts(nodes=by_name, pods=pods,

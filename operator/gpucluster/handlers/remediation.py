@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -183,7 +183,7 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
 
 
 async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[str] | None,
-                             nodes: Iterable[ObservedNode], pods_by_node: kopf.Index[str, str]) -> None:
+                             nodes: Iterable[ObservedNode], busy_nodes: Container[str]) -> None:
     """One pass over the pools in `wanted` (None: every pool) of the cluster."""
     body = await read_cluster(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -204,7 +204,7 @@ async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[
             looked_at.append(node)
         elif not node.ready:
             count.unlisted_not_ready += 1
-    owned = owned_nodes(looked_at, pods_by_node)
+    owned = owned_nodes(looked_at, busy_nodes)
     for pool in spec.pools:
         if wanted is not None and pool.name not in wanted:
             continue
@@ -227,22 +227,19 @@ async def _next_pass(passes: ClusterRemediation, stopped: kopf.DaemonStopped) ->
     return passes.take_wanted() if passes.wake.is_set() else None
 
 
-# Kopf passes its indexes as keyword arguments its handler protocols do not
-# declare, hence the ignore on the decorator. The backoff lets a pass in
-# flight finish its writes when Kopf stops the daemon.
-@kopf.daemon(names.GROUP, names.VERSION, api.PLURAL, id="remediation",  # type: ignore[arg-type]
+# The backoff lets a pass in flight finish its writes when Kopf stops the daemon.
+@kopf.daemon(names.GROUP, names.VERSION, api.PLURAL, id="remediation",
              cancellation_backoff=10.0, cancellation_timeout=1.0)
-async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: Any,
-                             pods_by_node: kopf.Index[str, str], **_: Any) -> None:
+async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: Any, **_: Any) -> None:
     state = state_of(memo)
     client.LANE.set("remediation")  # this daemon's task, and the writes it starts
-    await state.nodes.synced.wait()
+    await state.synced()
     passes = state.remediation[name] = ClusterRemediation()
     wanted: set[str] | None = None
     try:
         while not stopped:
             try:
-                await _remediate_cluster(name, passes, wanted, state.nodes.get(name), pods_by_node)
+                await _remediate_cluster(name, passes, wanted, state.nodes.get(name), state.pods.busy_nodes)
             except Exception as err:
                 metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()
                 log.exception("remediation pass of %s failed", name)

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from gpucluster.handlers.indexes import NodeIndex
+from gpucluster.handlers.indexes import NodeIndex, PodIndex
 from gpucluster.kube import client
 from gpucluster.planning.lifecycle import Assumed, PlannerCache
 from gpucluster.planning.remediation import UnseenWrites
@@ -86,9 +86,16 @@ class OperatorState:
     # The cluster's Nodes by TrainingCluster; a node whose GPU health and
     # quarantine disagree asks its cluster's remediation for a pass.
     nodes: NodeIndex = dataclasses.field(init=False)
+    # Every pod: the nodes they keep busy, each job's workers, other GPUs held.
+    pods: PodIndex = dataclasses.field(default_factory=PodIndex)
 
     def __post_init__(self) -> None:
         self.nodes = NodeIndex(on_attention=self._remediation_wanted)
+
+    async def synced(self) -> None:
+        """Waits until the node and pod indexes hold their first lists."""
+        await self.nodes.synced.wait()
+        await self.pods.synced.wait()
 
     def _remediation_wanted(self, cluster: str, pool: str) -> None:
         # No daemon yet: its first pass, at its start, covers every pool.
@@ -122,17 +129,23 @@ def state_of(memo: Any) -> OperatorState:
 
 
 @kopf.on.startup()
-async def watch_nodes(memo: Any, **_: Any) -> None:
-    state_of(memo).nodes.start(client.core())
+async def watch_nodes_and_pods(memo: Any, **_: Any) -> None:
+    state = state_of(memo)
+    state.nodes.start(client.core())
+    state.pods.start(client.core())
 
 
 @kopf.on.cleanup()
-async def stop_watching_nodes(memo: Any, **_: Any) -> None:
-    state_of(memo).nodes.stop()
+async def stop_watching_nodes_and_pods(memo: Any, **_: Any) -> None:
+    state = state_of(memo)
+    state.nodes.stop()
+    state.pods.stop()
 
 
 @kopf.on.probe(id="indexes")
 def indexes_ready(memo: Any, **_: Any) -> bool:
     """Kopf's own indexes are complete before its handlers run; the node
-    index, a watch of ours, reports here when its first list is in."""
-    return state_of(memo).nodes.synced.is_set()
+    and pod indexes, watches of ours, report here when their first lists
+    are in."""
+    state = state_of(memo)
+    return state.nodes.synced.is_set() and state.pods.synced.is_set()

@@ -1,49 +1,50 @@
-"""List-then-watch of Nodes in a thread, for processes that keep their own
-view of thousands of nodes (the fleet agent, the operator's node index).
+"""List-then-watch of Nodes or Pods in a thread, for processes that keep
+their own view of thousands of them (the fleet agent, the operator's node and
+pod indexes).
 
 The kubernetes client is synchronous, so the watch runs in a thread of its
-own and hands each node to a sink. Nodes are read as plain JSON: the client's
-model decoding of a Node costs more than the event."""
+own and hands each object to a sink. Objects are read as plain JSON: the
+client's model decoding of a Node costs more than the event."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
-
-import kubernetes
 
 from gpucluster.kube.client import read_reply
 
 log = logging.getLogger(__name__)
 
 
-class NodeSink(Protocol):
-    def replace_all(self, nodes: Iterator[Mapping[str, Any]]) -> None:
-        """A fresh list of every node, page by page as they arrive: the
-        sink must read it to the end, and forget the nodes not in it."""
+class Sink(Protocol):
+    def replace_all(self, objects: Iterator[Mapping[str, Any]]) -> None:
+        """A fresh list of every object, page by page as they arrive: the
+        sink must read it to the end, and forget the objects not in it."""
 
-    def observe(self, event_type: str, node: Mapping[str, Any]) -> None:
-        """One watch event: ADDED, MODIFIED or DELETED (also sent when a
-        node stops matching the selector)."""
+    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        """One watch event: ADDED, MODIFIED or DELETED (also sent when an
+        object stops matching the selector)."""
 
 
-class NodeWatcher:
-    """Lists, then watches, the Nodes matching a label selector and feeds
-    them to a sink; lists again when the watch expires (410 Gone) or breaks."""
+class ListWatcher:
+    """Lists, then watches, the objects a list call returns (`core.list_node`,
+    `core.list_pod_for_all_namespaces`) that match a label selector, and
+    feeds them to a sink; lists again when the watch expires (410 Gone) or
+    breaks."""
 
     def __init__(
         self,
-        core: kubernetes.client.CoreV1Api,
-        sink: NodeSink,
+        list_call: Callable[..., Any],
+        sink: Sink,
         *,
         label_selector: str = "",
         page_size: int = 500,
         watch_timeout_s: int = 300,
     ) -> None:
-        self._core = core
+        self._list_call = list_call
         self._sink = sink
         self._selector = label_selector
         self._page_size = page_size
@@ -62,7 +63,7 @@ class NodeWatcher:
             except Exception as err:
                 if self._stop.is_set():
                     return
-                log.warning("watching nodes failed, listing again: %s", err)
+                log.warning("watching %s failed, listing again: %s", self._list_call.__name__, err)
                 self._stop.wait(2.0)
 
     def start(self, name: str) -> threading.Thread:
@@ -81,15 +82,15 @@ class NodeWatcher:
                 response.close()
 
     def _list(self) -> str:
-        """Hands the sink every node, a page at a time (never the whole list
-        held at once: 25,000 parsed Nodes are hundreds of MiB); returns the
-        list's resourceVersion."""
+        """Hands the sink every object, a page at a time (never the whole
+        list held at once: 25,000 parsed Nodes are hundreds of MiB); returns
+        the list's resourceVersion."""
         versions: list[str] = []
 
         def pages() -> Iterator[Mapping[str, Any]]:
             token = None
             while True:
-                response: Any = self._core.list_node(
+                response: Any = self._list_call(
                     label_selector=self._selector, limit=self._page_size,
                     _continue=token, _preload_content=False,
                 )
@@ -102,13 +103,13 @@ class NodeWatcher:
 
         self._sink.replace_all(pages())
         if not versions:
-            raise RuntimeError("the node sink stopped reading the list before its end")
+            raise RuntimeError(f"the sink of {self._list_call.__name__} stopped reading the list before its end")
         return versions[0]
 
     def _watch(self, resource_version: str) -> str | None:
         """Follows the watch from a version; returns the version to follow on
         from, or None when the watch expired and the sink must list again."""
-        self._response = self._core.list_node(
+        self._response = self._list_call(
             label_selector=self._selector, watch=True, allow_watch_bookmarks=True,
             resource_version=resource_version, timeout_seconds=self._watch_timeout_s,
             _preload_content=False,
@@ -120,14 +121,14 @@ class NodeWatcher:
                 if not line.strip():
                     continue
                 event = json.loads(line)
-                kind, node = event["type"], event["object"]
+                kind, obj = event["type"], event["object"]
                 if kind == "ERROR":
                     # 410 Gone: the version is too old to watch from.
-                    log.info("node watch ended: %s", node.get("message"))
+                    log.info("watch of %s ended: %s", self._list_call.__name__, obj.get("message"))
                     return None
-                resource_version = node["metadata"]["resourceVersion"]
+                resource_version = obj["metadata"]["resourceVersion"]
                 if kind != "BOOKMARK":
-                    self._sink.observe(kind, node)
+                    self._sink.observe(kind, obj)
         finally:
             response, self._response = self._response, None
             response.release_conn()
