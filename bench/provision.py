@@ -76,9 +76,10 @@ def manifests(cluster: str, count: int) -> list[dict[str, Any]]:
     return [template.kwok_node(n) for n in plan_pool(shape, []).create]
 
 
-def raw_create(bench: BenchCluster, count: int, timeout: float) -> float:
-    """A plain client creating the same nodes with the same concurrency."""
-    cluster = f"raw{int(time.time()) % 100000}"
+def raw_create(bench: BenchCluster, count: int, timeout: float, cluster: str = "") -> float:
+    """A plain client creating the same nodes with the same concurrency,
+    labelled as TrainingCluster `cluster`'s (default: a fresh name)."""
+    cluster = cluster or f"raw{int(time.time()) % 100000}"
     bodies = manifests(cluster, count)
     counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count, "raw")
     start = time.monotonic()
@@ -109,10 +110,10 @@ def operator_create(bench: BenchCluster, count: int, timeout: float, provider: s
     return elapsed
 
 
-def wait_gone(bench: BenchCluster, timeout: float = 600) -> None:
+def wait_gone(bench: BenchCluster, timeout: float = 600, selector: str = names.LABEL_CLUSTER) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not bench.core.list_node(label_selector=names.LABEL_CLUSTER, limit=1).items:
+        if not bench.core.list_node(label_selector=selector, limit=1).items:
             return
         time.sleep(1)
 
