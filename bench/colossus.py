@@ -43,7 +43,7 @@ from gpucluster import devcluster, names
 from gpucluster.kube.client import read_reply
 from gpucluster.sim.trace import generate
 from health import NodeHealthWatch, inject, percentile, wait
-from provision import raw_create, wait_gone
+from provision import raw_create
 
 H100_SHARE = 0.75
 
@@ -214,7 +214,6 @@ def main() -> int:
         raw_nodes = args.raw_nodes or min(args.nodes, 2000)
         print(f"raw node creates: {raw_nodes} nodes", file=sys.stderr, flush=True)
         raw = raw_create(bench, raw_nodes, args.timeout)
-        wait_gone(bench)
         raw_rate = raw_nodes / raw
         metrics_port = free_port()
         operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
@@ -252,7 +251,6 @@ def main() -> int:
             cpu_provisioned = cpu_now(operator.pid)
             print(f"raw node creates beside the {args.nodes} nodes: {raw_nodes} nodes", file=sys.stderr, flush=True)
             raw_full = raw_create(bench, raw_nodes, args.timeout, cluster="rawfull")
-            wait_gone(bench, selector=f"{names.LABEL_CLUSTER}=rawfull")
             raw_full_rate = raw_nodes / raw_full
             # The fleet agent starts once every node is Ready: its health
             # writes load the API server, and the raw side has no agent.

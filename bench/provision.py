@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 from common import BenchCluster, bench_cluster, watch_nodes
 from gpucluster import devkarpenter, names
 from gpucluster.api.gpus import GPUProduct
@@ -88,8 +89,23 @@ def raw_create(bench: BenchCluster, count: int, timeout: float, cluster: str = "
     if not counter.wait(timeout):
         raise SystemExit(f"raw: only {len(counter.ready)}/{count} Ready after {timeout} s")
     elapsed = time.monotonic() - start
-    bench.core.delete_collection_node(label_selector=f"{names.LABEL_CLUSTER}={cluster}")
+    delete_nodes(bench, f"{names.LABEL_CLUSTER}={cluster}")
     return elapsed
+
+
+def delete_nodes(bench: BenchCluster, selector: str, timeout: float = 600) -> None:
+    """Deletes the nodes matching `selector`, and waits until they are gone.
+    On a loaded API server one deletecollection of thousands of nodes can
+    outlast its request timeout (504); it is asked again for what is left."""
+    deadline = time.monotonic() + timeout
+    while bench.core.list_node(label_selector=selector, limit=1).items:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nodes {selector} still there after {timeout} s")
+        try:
+            bench.core.delete_collection_node(label_selector=selector)
+        except kubernetes.client.ApiException as err:
+            if err.status != 504:
+                raise
 
 
 def operator_create(bench: BenchCluster, count: int, timeout: float, provider: str) -> float:
@@ -110,10 +126,10 @@ def operator_create(bench: BenchCluster, count: int, timeout: float, provider: s
     return elapsed
 
 
-def wait_gone(bench: BenchCluster, timeout: float = 600, selector: str = names.LABEL_CLUSTER) -> None:
+def wait_gone(bench: BenchCluster, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not bench.core.list_node(label_selector=selector, limit=1).items:
+        if not bench.core.list_node(label_selector=names.LABEL_CLUSTER, limit=1).items:
             return
         time.sleep(1)
 
@@ -149,7 +165,6 @@ def main() -> int:
             print(header, flush=True)
             for count in args.nodes or [1000]:
                 raw = raw_create(bench, count, args.timeout)
-                wait_gone(bench)
                 row = f"{count:>7} {raw:>8.1f} {count / raw:>12.0f}"
                 for provider in providers:
                     ours = operator_create(bench, count, args.timeout, provider)
