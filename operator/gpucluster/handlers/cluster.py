@@ -327,6 +327,10 @@ async def _reconcile_once(name: str, index: NodeIndex,
             kopf.warn(body, reason="NodeWriteFailed", message=message)
             raise kopf.TemporaryError(message, delay=5)
         degraded = _budget_exhausted(body, spec)
+        if any(not plan.empty for _, plan in plans.values()):
+            # The status reports what the writes made, not the nodes before
+            # them (a scale-up's last word was "0/25000" until the next resync).
+            owned = owned_nodes(index.get(name), busy_nodes)
     counts = {p.name: count_pool(shape_of(name, p), owned.get(p.name, [])) for p in spec.pools}
     _export_metrics(name, spec, counts)
     await _write_status(name, body, _status(body, spec, counts, degraded, karpenter))
