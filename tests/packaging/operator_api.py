@@ -202,9 +202,9 @@ def operator_permissions(peering: bool = True) -> set[Permission]:
     # fleet agent's node watch), which makes it both ways.
     for path in (p for folder in OPERATOR_SOURCES for p in folder.rglob("*.py")):
         text = path.read_text()
-        watched = set(re.findall(r"\.(list_\w+)\(.*watch=True", text))
-        watched |= set(re.findall(r"ListWatcher\(\w+\.(list_\w+)\b", text))
-        watched |= set(re.findall(r"self\._start\(core\.(list_\w+)\b", text))
+        watched = set(re.findall(r"ListWatcher\(\w+\.(list_\w+)\b", text))
+        if "watch=True" in text:
+            watched |= set(re.findall(r"\.(list_\w+)\(", text))
         for name in watched & set(CLIENT_CALLS):
             needs |= {p._replace(verb="watch") for p in _expand(*CLIENT_CALLS[name])}
     for source, (verbs, permissions) in FOREIGN_SOURCES.items():

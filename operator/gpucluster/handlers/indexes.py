@@ -22,7 +22,6 @@ the same promise: complete before any handler runs)."""
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import dataclasses
@@ -90,30 +89,24 @@ def owned_nodes(nodes: Iterable[ObservedNode], busy_nodes: Container[str],
     return by_pool
 
 
-class _WatchedIndex(abc.ABC):
+class _WatchedIndex:
     """What both indexes share: a watch thread that lists and watches one
-    kind, and hands what it reads to the event loop (the sink methods run
-    in the watch thread)."""
+    kind, and hands what it reads to the event loop (the sink methods,
+    `replace_all` and `observe`, run in the watch thread)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: ListWatcher | None = None
         self.synced = asyncio.Event()
 
-    def _start(self, list_call: Callable[..., Any], label_selector: str, thread: str) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._watcher = ListWatcher(list_call, self, label_selector=label_selector)
-        self._watcher.start(thread)
+    def _start(self, watcher: ListWatcher, thread: str) -> None:
+        self._loop = asyncio.get_running_loop()  # before the thread's first call
+        self._watcher = watcher
+        watcher.start(thread)
 
     def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-
-    @abc.abstractmethod
-    def replace_all(self, objects: Iterator[Mapping[str, Any]]) -> None: ...
-
-    @abc.abstractmethod
-    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None: ...
 
     def _call(self, apply: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -141,7 +134,7 @@ class NodeIndex(_WatchedIndex):
         return dict(self._by_cluster.get(cluster, {}))
 
     def start(self, core: Any) -> None:
-        self._start(core.list_node, names.LABEL_CLUSTER, "node-index")
+        self._start(ListWatcher(core.list_node, self, label_selector=names.LABEL_CLUSTER), "node-index")
 
     # -- the watch thread's side ---------------------------------------------
 
@@ -259,7 +252,7 @@ class PodIndex(_WatchedIndex):
                 if node in nodes and (held := sum(pods.values()))}
 
     def start(self, core: Any) -> None:
-        self._start(core.list_pod_for_all_namespaces, "", "pod-index")
+        self._start(ListWatcher(core.list_pod_for_all_namespaces, self), "pod-index")
 
     # -- the watch thread's side ---------------------------------------------
 
