@@ -43,7 +43,7 @@ from gpucluster import devcluster, names
 from gpucluster.kube.client import read_reply
 from gpucluster.sim.trace import generate
 from health import NodeHealthWatch, inject, percentile, wait
-from provision import delete_nodes, raw_create
+from provision import raw_create
 
 H100_SHARE = 0.75
 # The raw sample beside the whole cluster waits this long at most: where the
@@ -258,7 +258,6 @@ def main() -> int:
             except SystemExit as err:  # the node simulator behind: say so, and go on to the jobs
                 print(err, file=sys.stderr, flush=True)
                 raw_full = None
-                delete_nodes(bench, f"{names.LABEL_CLUSTER}=rawfull")
             # The fleet agent starts once every node is Ready: its health
             # writes load the API server, and the raw side has no agent.
             agent = bench.gpucluster("agent", "--backend", "fake", "--fleet", "--node-selector",

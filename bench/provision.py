@@ -79,17 +79,20 @@ def manifests(cluster: str, count: int) -> list[dict[str, Any]]:
 
 def raw_create(bench: BenchCluster, count: int, timeout: float, cluster: str = "") -> float:
     """A plain client creating the same nodes with the same concurrency,
-    labelled as TrainingCluster `cluster`'s (default: a fresh name)."""
+    labelled as TrainingCluster `cluster`'s (default: a fresh name); the
+    seconds until all were Ready. The nodes are deleted after, also when
+    they were not all Ready in time."""
     cluster = cluster or f"raw{int(time.time()) % 100000}"
     bodies = manifests(cluster, count)
     counter = ReadyCounter(bench, f"{names.LABEL_CLUSTER}={cluster}", count, "raw")
     start = time.monotonic()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(lambda b: bench.core.create_node(b, _preload_content=False), bodies))
-    if not counter.wait(timeout):
-        raise SystemExit(f"raw: only {len(counter.ready)}/{count} Ready after {timeout} s")
+    ready = counter.wait(timeout)
     elapsed = time.monotonic() - start
     delete_nodes(bench, f"{names.LABEL_CLUSTER}={cluster}")
+    if not ready:
+        raise SystemExit(f"raw: only {len(counter.ready)}/{count} Ready after {timeout} s")
     return elapsed
 
 
