@@ -190,16 +190,20 @@ def main() -> int:
                              "Default: 40 (a kubelet's 10 s renewals) up to 2,000 nodes, 0 above: the "
                              "operator watches Nodes, not Leases, and 2,500 renewals a second at "
                              "25,000 nodes are more than an API server on 2 shared cores takes")
+    parser.add_argument("--kwok-shards", type=int, default=None,
+                        help="KWOK controllers sharing the simulated nodes (devcluster.py); default: one "
+                             "per 5,000 nodes, at most 8")
     args = parser.parse_args()
+    kwok_shards = args.kwok_shards or min(8, max(1, -(-args.nodes // 5000)))
     lease_seconds = args.lease_seconds if args.lease_seconds is not None else (40 if args.nodes <= 2000 else 0)
     log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-colossus-"))
     rows: list[tuple[str, str, str]] = []
     timeline = Timeline()
     leases = f"{lease_seconds} s, renewed every {lease_seconds / 4:g} s" if lease_seconds else "off"
-    print(f"KWOK node leases: {leases}; node status posts about every 300 s ({args.nodes / 300:.0f}/s)",
-          file=sys.stderr, flush=True)
-    with bench_cluster("bench-colossus",
-                       {"kwok": [f"--node-lease-duration-seconds={lease_seconds}"]}) as bench:
+    print(f"KWOK: {kwok_shards} controller(s); node leases: {leases}; node status posts about every 300 s "
+          f"({args.nodes / 300:.0f}/s)", file=sys.stderr, flush=True)
+    with bench_cluster("bench-colossus", {"kwok": [f"--node-lease-duration-seconds={lease_seconds}"]},
+                       kwok_shards) as bench:
         apiserver = pid_of(Path(bench.kubeconfig).parent, "kube-apiserver")
 
         def usage(phase: str, operator_pid: int, cpu0: tuple[float, float],

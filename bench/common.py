@@ -50,16 +50,18 @@ class BenchCluster:
 
 
 @contextlib.contextmanager
-def bench_cluster(name: str, extra_args: dict[str, list[str]] | None = None) -> Iterator[BenchCluster]:
+def bench_cluster(name: str, extra_args: dict[str, list[str]] | None = None,
+                  kwok_shards: int = 1) -> Iterator[BenchCluster]:
     """A control plane of its own (or GPUCLUSTER_KUBECONFIG's), CRDs applied;
-    `extra_args` adds flags to its components (devcluster.up)."""
+    `extra_args` adds flags to its components, `kwok_shards` KWOK controllers
+    share its nodes (devcluster.up)."""
     external = os.environ.get("GPUCLUSTER_KUBECONFIG")
     state_dir = REPO / ".local-cluster" / name
     # A run stopped with SIGTERM unwinds through the finally below.
     devcluster.interrupt_on_sigterm()
     if not external:
         devcluster.down(state_dir)
-        kubeconfig = devcluster.up(state_dir, extra_args).kubeconfig
+        kubeconfig = devcluster.up(state_dir, extra_args, kwok_shards).kubeconfig
     else:
         kubeconfig = external
     try:

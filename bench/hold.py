@@ -2,6 +2,7 @@
 Node traffic of real kubelets, on this machine?
 
     python bench/hold.py --nodes 25000 [--hold 300] [--every 20] [--timeout 1800]
+                         [--kwok-shards K] [--lease-seconds S]
 
 Creates N GPU nodes (bench/provision.py's manifests, by a plain client) and,
 from the first create until all have been Ready for --hold seconds (or
@@ -9,9 +10,9 @@ from the first create until all have been Ready for --hold seconds (or
 ever went from Ready to not, Lease renewals/s and Node status writes/s (the
 API server's request counters), status posts/s as a node watch sees them,
 and the CPU (cores) of KWOK, the API server, etcd and the controller
-manager, beside the machine's load. A last line sums up the hold. A local
-control plane is started for the run (or GPUCLUSTER_KUBECONFIG names a
-running one).
+manager, beside the machine's load (KWOK's: all its controllers). A last
+line sums up the hold. A local control plane is started for the run (or
+GPUCLUSTER_KUBECONFIG names a running one).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def run(bench: BenchCluster, count: int, hold: float, every: float, timeout: flo
     state = devcluster.ClusterState.load(bench.state_dir)
     if state is None:
         raise SystemExit(f"no cluster state in {bench.state_dir}: its processes' CPU can't be read")
-    pids = {name: state.pids[name] for name in COMPONENTS}
+    pids = {name: [pid for component, pid in state.pids.items()
+                   if component == name or component.startswith(f"{name}-")] for name in COMPONENTS}
     cluster = f"hold{int(time.time()) % 100000}"
     tally = NodeTally(bench, f"{names.LABEL_CLUSTER}={cluster}")
 
@@ -131,7 +133,7 @@ def run(bench: BenchCluster, count: int, hold: float, every: float, timeout: flo
         with tally.lock:
             posts = tally.posts
         return Sample(time.monotonic(), api_requests(bench.state_dir, state.server),
-                      {n: cpu_seconds(p) for n, p in pids.items()}, posts)
+                      {n: sum(cpu_seconds(p) for p in ps) for n, ps in pids.items()}, posts)
 
     def create(body: dict[str, Any]) -> None:
         bench.core.create_node(body, _preload_content=False)
@@ -171,8 +173,12 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=300, help="seconds to watch once all are Ready")
     parser.add_argument("--every", type=float, default=20, help="seconds between report lines")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds from the first create to give up")
+    parser.add_argument("--kwok-shards", type=int, default=1, help="KWOK controllers sharing the nodes")
+    parser.add_argument("--lease-seconds", type=int, default=40,
+                        help="KWOK's node Lease duration, renewed every quarter of it (0: no Leases)")
     args = parser.parse_args()
-    with bench_cluster("hold") as bench:
+    with bench_cluster("hold", {"kwok": [f"--node-lease-duration-seconds={args.lease_seconds}"]},
+                       args.kwok_shards) as bench:
         held = run(bench, args.nodes, args.hold, args.every, args.timeout)
     return 0 if held else 1
 

@@ -31,8 +31,18 @@ configuration; `bench/hold.py` measures what it costs):
 - A node annotated `kwok.x-k8s.io/status=custom` keeps the status a test
   writes: a Stage of its own matches it and so replaces the node's pending
   heartbeat. Removing the annotation makes it Ready again.
+- KWOK can run as several controllers (`up(kwok_shards=K)`), each managing
+  the nodes of some of the buckets in their `gpucluster.dev/kwok-shard`
+  label (bucket b: controller b mod K; nodes without the label: the first).
+  One KWOK takes every node event through one goroutine before its stage
+  workers, and at 25,000 nodes on 2 shared cores that intake fell behind the
+  node creates and status posts (nodes Ready minutes after their create,
+  watches closed as unresponsive): K controllers each see a K-th of the node
+  events, filtered by the API server. Every controller still watches every
+  bound pod (it keeps those on its own nodes).
 
-Standard library only, so `hack/cluster.sh` works before any virtualenv.
+Standard library only (and `gpucluster.names`), so `hack/cluster.sh` works
+before any virtualenv.
 The binaries come from `hack/build-binaries.sh` (built once, then cached).
 """
 
@@ -54,6 +64,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gpucluster import names
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
 DEFAULT_STATE_DIR = REPO_ROOT / ".local-cluster"
@@ -67,6 +79,7 @@ SERVICE_CLUSTER_IP = "10.96.0.1"
 # server through 10.96.0.1 as pods anywhere do.
 API_ADVERTISE_ADDRESS = "10.90.0.1"
 KWOK_CONFIG = REPO_ROOT / "hack" / "kwok.yaml"
+KWOK = "kwok"
 NODE_MONITOR_GRACE_PERIOD_S = 600
 NODE_MONITOR_PERIOD_S = 5
 
@@ -216,13 +229,15 @@ def _alive(pid: int, binary: str) -> bool:
 _children: dict[str, subprocess.Popen[bytes]] = {}
 
 
-def _start(state: ClusterState, name: str, args: list[str]) -> None:
+def _start(state: ClusterState, name: str, args: list[str], args_of: str = "") -> None:
+    """Starts `args` as component `name`, with the extra flags of component
+    `args_of` (default: `name`)."""
     binary = str(Path(state.bin_dir) / args[0])
     log_path = str(Path(state.state_dir) / "logs" / f"{name}.log")
     with open(log_path, "ab") as log:
         # A session of its own: the cluster outlives the `up` command and is
         # stopped only by `down`, by pid.
-        proc = subprocess.Popen([binary, *args[1:], *state.extra_args.get(name, [])], stdout=log,
+        proc = subprocess.Popen([binary, *args[1:], *state.extra_args.get(args_of or name, [])], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _children[name] = proc
     state.pids[name] = proc.pid
@@ -285,21 +300,48 @@ _BINARIES = {
 }
 
 
+def _binary(component: str) -> str:
+    """The binary a component runs: KWOK's shards are `kwok-1`, `kwok-2`, ..."""
+    return KWOK if component.startswith(f"{KWOK}-") else _BINARIES[component]
+
+
+def kwok_components(shards: int) -> list[str]:
+    """The component names of `shards` KWOK controllers."""
+    return [KWOK, *(f"{KWOK}-{i}" for i in range(1, shards))]
+
+
+def kwok_shard_selectors(shards: int) -> list[str]:
+    """The node label selector of each of `shards` KWOK controllers: bucket
+    b goes to controller b mod `shards`, and the first also takes nodes with
+    no bucket (made by hand, by a test, by Karpenter)."""
+    if not 1 <= shards <= names.KWOK_SHARD_BUCKETS:
+        raise ValueError(f"kwok_shards must be from 1 to {names.KWOK_SHARD_BUCKETS}, not {shards}")
+    if shards == 1:
+        return [""]
+    buckets = [[str(b) for b in range(names.KWOK_SHARD_BUCKETS) if b % shards == i] for i in range(shards)]
+    others = ",".join(b for shard in buckets[1:] for b in shard)
+    return [f"{names.LABEL_KWOK_SHARD} notin ({others})",
+            *(f"{names.LABEL_KWOK_SHARD} in ({','.join(shard)})" for shard in buckets[1:])]
+
+
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState | None:
     """The running cluster of this state folder, or None when none runs."""
     state = ClusterState.load(state_dir)
     if state is None or not state.pids:
         return None
     running = [n for n, pid in state.pids.items()
-               if _alive(pid, str(Path(state.bin_dir) / _BINARIES[n]))]
+               if _alive(pid, str(Path(state.bin_dir) / _binary(n)))]
     return state if running else None
 
 
-def up(state_dir: Path = DEFAULT_STATE_DIR, extra_args: dict[str, list[str]] | None = None) -> ClusterState:
-    """Starts the control plane and KWOK, and returns once the API server is
-    ready, the controllers and scheduler are healthy, and the `default`
-    service account exists (pods can be created). `extra_args` adds flags to
-    a component, by name (`{"kwok": ["--config=stages.yaml"]}`)."""
+def up(state_dir: Path = DEFAULT_STATE_DIR, extra_args: dict[str, list[str]] | None = None,
+       kwok_shards: int = 1) -> ClusterState:
+    """Starts the control plane and KWOK (as `kwok_shards` controllers), and
+    returns once the API server is ready, the controllers and scheduler are
+    healthy, and the `default` service account exists (pods can be created).
+    `extra_args` adds flags to a component, by name (`{"kwok": ["--config=
+    stages.yaml"]}`; KWOK's go to every shard)."""
+    selectors = kwok_shard_selectors(kwok_shards)
     if status(state_dir) is not None:
         raise ClusterError(f"a cluster of {state_dir} is already up; "
                            f"`hack/cluster.sh down` first, or use KUBECONFIG={state_dir}/admin.kubeconfig")
@@ -313,12 +355,13 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, extra_args: dict[str, list[str]] | N
     _make_pki(pki)
     state = ClusterState(state_dir=str(state_dir), bin_dir=str(binaries), extra_args=extra_args or {})
     state.ports = {name: _free_port() for name in
-                   ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+                   ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler",
+                    *kwok_components(kwok_shards))}
     state.save()
     for user in ("admin", "controller-manager", "scheduler", "kwok"):
         _write_kubeconfig(state_dir / f"{user}.kubeconfig", state.server, pki, user)
     try:
-        _start_all(state, pki)
+        _start_all(state, pki, selectors)
     except BaseException:
         down(state_dir)
         raise
@@ -342,7 +385,7 @@ AUDIT_POLICY = {
 }
 
 
-def _start_all(state: ClusterState, pki: Path) -> None:
+def _start_all(state: ClusterState, pki: Path, kwok_selectors: list[str]) -> None:
     sd = Path(state.state_dir)
     p = state.ports
     (sd / "audit-policy.json").write_text(json.dumps(AUDIT_POLICY, indent=2))
@@ -404,16 +447,20 @@ def _start_all(state: ClusterState, pki: Path) -> None:
         "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}",
         "--leader-elect=false", "--v=1",
     ])
-    _start(state, "kwok", [
-        "kwok", f"--kubeconfig={sd / 'kwok.kubeconfig'}", f"--config={KWOK_CONFIG}",
-        f"--server-address=127.0.0.1:{p['kwok']}",
-    ])
+    kwoks = kwok_components(len(kwok_selectors))
+    for kwok, selector in zip(kwoks, kwok_selectors, strict=True):
+        _start(state, kwok, [
+            KWOK, f"--kubeconfig={sd / 'kwok.kubeconfig'}", f"--config={KWOK_CONFIG}",
+            f"--server-address=127.0.0.1:{p[kwok]}",
+            *([f"--manage-nodes-with-label-selector={selector}"] if selector else []),
+        ], args_of=KWOK)
     _wait_until(state, "kube-controller-manager",
                 lambda: _local_https_ok(p["controller-manager"], "/healthz"), "healthy")
     _wait_until(state, "kube-scheduler",
                 lambda: _local_https_ok(p["scheduler"], "/healthz"), "healthy")
-    _wait_until(state, "kwok", lambda: _http_ok(f"http://127.0.0.1:{p['kwok']}/healthz"),
-                "healthy")
+    for kwok in kwoks:
+        healthz = f"http://127.0.0.1:{p[kwok]}/healthz"
+        _wait_until(state, kwok, lambda: _http_ok(healthz), "healthy")  # noqa: B023 (called at once)
     _wait_until(state, "kube-controller-manager",
                 lambda: _https_ok(state, f"{state.server}/api/v1/namespaces/default/serviceaccounts/default"),
                 "creating the default service account")
@@ -451,7 +498,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
         return []
     # Reverse start order: clients first, etcd last.
     stopped = [name for name in reversed(list(state.pids))
-               if stop_process(state.pids[name], str(Path(state.bin_dir) / _BINARIES[name]))]
+               if stop_process(state.pids[name], str(Path(state.bin_dir) / _binary(name)))]
     state.pids = {}
     state.save()
     return stopped
@@ -467,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
                              "CoreDNS; see gpucluster.realnode)")
     parser.add_argument("--real-node", action="store_const", const=1, dest="real_nodes",
                         help="up: one real node (--real-nodes 1)")
+    parser.add_argument("--kwok-shards", type=int, default=1, metavar="K",
+                        help=f"up: run KWOK as K controllers, each managing a K-th of the nodes by their "
+                             f"{names.LABEL_KWOK_SHARD} label (1 to {names.KWOK_SHARD_BUCKETS}; default 1). "
+                             f"For tens of thousands of nodes: one KWOK's node intake is one goroutine")
     args = parser.parse_args(argv)
     from gpucluster import realnode
     state_dir: Path = args.state_dir.resolve()
@@ -476,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "build":
             print(bin_dir())
         elif args.action == "up":
-            state = up(state_dir)
+            state = up(state_dir, kwok_shards=args.kwok_shards)
             if args.real_nodes:
                 realnode.start(state, args.real_nodes)
             print(f"export KUBECONFIG={state.kubeconfig}")

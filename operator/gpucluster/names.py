@@ -23,6 +23,11 @@ TAINT_GPU_ERROR = "nvidia.com/gpu-error"
 # KWOK takes over the kubelet role for nodes carrying this annotation.
 ANNOTATION_KWOK_NODE = "kwok.x-k8s.io/node"
 KWOK_NODE_VALUE = "fake"
+# A simulated cluster may run several KWOK controllers, each managing the
+# nodes of some buckets (devcluster.py says why); a node's bucket, a hash of
+# its name, is in this label. A node without it goes to the first controller.
+LABEL_KWOK_SHARD = "gpucluster.dev/kwok-shard"
+KWOK_SHARD_BUCKETS = 16
 
 # Ownership of nodes: the labels on the nodes are the state of a pool.
 LABEL_CLUSTER = f"{GROUP}/cluster"

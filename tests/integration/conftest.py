@@ -17,6 +17,7 @@ from gpucluster import devcluster
 from .harness import REPO_ROOT, AgentProcess, Kubectl, OperatorProcess, wait_for
 
 TEST_STATE_DIR = REPO_ROOT / ".local-cluster" / "test"
+TEST_KWOK_SHARDS = 2
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,9 @@ def cluster() -> Iterator[devcluster.ClusterState]:
     # A session stopped with SIGTERM unwinds through this fixture's finally.
     devcluster.interrupt_on_sigterm()
     devcluster.down(TEST_STATE_DIR)
-    state = devcluster.up(TEST_STATE_DIR)
+    # Two KWOK controllers, as a large simulated cluster runs them: every test
+    # then also checks that each node has one that keeps it.
+    state = devcluster.up(TEST_STATE_DIR, kwok_shards=TEST_KWOK_SHARDS)
     try:
         yield state
     finally:

@@ -6,7 +6,9 @@ KWOK used to post node status about every 10 minutes and renew no Lease, so
 every node went NotReady once the controller manager's grace (then 180 s)
 ran out, all in the same second. This test watches fresh nodes past that
 point and measures, from watches, the Lease renewals and the status posts
-against the rates hack/kwok.yaml configures."""
+against the rates hack/kwok.yaml configures. The session's cluster runs two
+KWOK controllers, and the nodes here are spread over every bucket of them
+(and a few in none): each must be kept Ready by the controller it falls to."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import pytest
 import urllib3
 import yaml
 from gpucluster import devcluster
+from gpucluster.names import KWOK_SHARD_BUCKETS, LABEL_KWOK_SHARD
 
 from .harness import Kubectl, wait_for
 
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 RUN = uuid.uuid4().hex[:6]
 NODES = 100
+UNSHARDED = 4
 # From the nodes' creation: past the old flap (180 s), and two minutes into
 # the first status posts, which come 150 s to 450 s after a node's last change.
 WATCH_S = 270
@@ -154,10 +158,14 @@ def test_nodes_stay_ready_on_leases_at_the_configured_rates(
         Watcher(kubernetes.client.CoordinationV1Api(api).list_namespaced_lease, on_lease, t0,
                 namespace="kube-node-lease"),
     ]
+    # Nodes in every KWOK bucket, as the operator labels them, and a few with
+    # none (made by hand): each has a KWOK controller that keeps it Ready.
+    buckets = {name: str(i % KWOK_SHARD_BUCKETS) for i, name in enumerate(names[UNSHARDED:])}
     kubectl.apply({"apiVersion": "v1", "kind": "List", "items": [{
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
-                     "labels": {"type": "kwok", "local-cluster-test": RUN}},
+                     "labels": {"type": "kwok", "local-cluster-test": RUN,
+                                **({LABEL_KWOK_SHARD: buckets[name]} if name in buckets else {})}},
     } for name in names]})
     try:
         wait_for(lambda: sum(n.ready_since is not None for n in nodes.values()) == NODES, timeout=60,

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
+from gpucluster.kube.nodes import kwok_shard_of
 
 from .harness import Kubectl, OperatorProcess, wait_for
 
@@ -80,6 +81,7 @@ def test_apply_scale_up_scale_down_and_delete(kubectl: Kubectl, running_operator
     assert (labels["gpucluster.dev/rack"], labels["gpucluster.dev/block"]) == ("r0001", "b000")
     assert labels["team"] == "pretraining"
     assert h100[3]["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
+    assert labels["gpucluster.dev/kwok-shard"] == kwok_shard_of(f"{name}-h100-00003")
     h200 = nodes_of(kubectl, name, "h200")
     assert h200[0]["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H200"
     assert h200[0]["metadata"]["labels"]["nvidia.com/gpu.memory"] == "143771"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,11 @@ ANNOTATION_QUARANTINE = f"{names.GROUP}/quarantine"
 # Read-modify-write of a node's taints retries this often on a conflict.
 CONFLICT_RETRIES = 5
 QUARANTINE_TAINT = {"key": names.TAINT_GPU_ERROR, "value": "true", "effect": "NoSchedule"}
+
+
+def kwok_shard_of(node_name: str) -> str:
+    """The node's KWOK bucket: stable for a name, spread evenly over names."""
+    return str(zlib.crc32(node_name.encode()) % names.KWOK_SHARD_BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class PoolNodeTemplate:
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64",
                     "type": "kwok",
+                    names.LABEL_KWOK_SHARD: kwok_shard_of(node.name),
                     **self.gpu_labels(),
                     **self.labels,
                     **self.ownership_labels(node),
