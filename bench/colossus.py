@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex
 
 import kubernetes
 from common import BenchCluster, bench_cluster, cpu_seconds
@@ -61,6 +61,19 @@ def peak_rss_mib(pid: int) -> float:
 def pid_of(state_dir: Path, component: str) -> int | None:
     state = devcluster.status(state_dir)
     return state.pids.get(component) if state is not None else None
+
+
+class Rows(list[tuple[str, str, str]]):
+    """The table's rows, each also printed to stderr as it is measured: a run
+    of an hour that fails late still leaves what it measured."""
+
+    def append(self, row: tuple[str, str, str]) -> None:
+        print("  ".join(row), file=sys.stderr, flush=True)
+        super().append(row)
+
+    def insert(self, index: SupportsIndex, row: tuple[str, str, str]) -> None:
+        print("  ".join(row), file=sys.stderr, flush=True)
+        super().insert(index, row)
 
 
 class Timeline:
@@ -197,7 +210,7 @@ def main() -> int:
     kwok_shards = args.kwok_shards or min(8, max(1, -(-args.nodes // 5000)))
     lease_seconds = args.lease_seconds if args.lease_seconds is not None else (40 if args.nodes <= 2000 else 0)
     log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-colossus-"))
-    rows: list[tuple[str, str, str]] = []
+    rows = Rows()
     timeline = Timeline()
     leases = f"{lease_seconds} s, renewed every {lease_seconds / 4:g} s" if lease_seconds else "off"
     print(f"KWOK: {kwok_shards} controller(s); node leases: {leases}; node status posts about every 300 s "
