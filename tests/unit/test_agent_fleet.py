@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import kubernetes
 import pytest
 from gpucluster.agent import fleet as fleet_module
 from gpucluster.agent.exporter import DcgmCollector
@@ -278,7 +279,10 @@ def test_metrics_cover_every_node() -> None:
 
 
 class FakeCore:
-    """The two list_node calls a ListWatcher of Nodes makes, answered from scripts."""
+    """The list_node calls a ListWatcher of Nodes makes, answered from
+    scripts: streaming lists (a watch with sendInitialEvents) from `streams`,
+    or refused as an API server without them refuses them when `streams` is
+    None; pages of a list; plain watches."""
 
     class Response:
         def __init__(self, body: bytes = b"", lines: list[dict[str, Any]] | None = None):
@@ -292,12 +296,20 @@ class FakeCore:
             pass
 
     def __init__(self, pages: list[tuple[list[dict[str, Any]], str | None]],
-                 watches: list[list[dict[str, Any]]], on_exhausted: Any) -> None:
-        self.pages, self.watches, self.on_exhausted = pages, watches, on_exhausted
+                 watches: list[list[dict[str, Any]]], on_exhausted: Any,
+                 streams: list[list[dict[str, Any]]] | None = None) -> None:
+        self.pages, self.watches, self.on_exhausted, self.streams = pages, watches, on_exhausted, streams
         self.calls: list[dict[str, Any]] = []
 
     def list_node(self, **kwargs: Any) -> Response:
         self.calls.append(kwargs)
+        if kwargs.get("send_initial_events"):
+            if self.streams is None:
+                raise kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
+            if not self.streams:
+                self.on_exhausted()
+                return self.Response()
+            return self.Response(lines=self.streams.pop(0))
         if kwargs.get("watch"):
             if not self.watches:
                 self.on_exhausted()
@@ -309,7 +321,66 @@ class FakeCore:
         }).encode())
 
 
-def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
+def initial_events_end(version: str) -> dict[str, Any]:
+    return {"type": "BOOKMARK", "object": {"metadata": {
+        "resourceVersion": version, "annotations": {"k8s.io/initial-events-end": "true"}}}}
+
+
+def test_node_watcher_streams_its_list_then_follows_the_same_watch() -> None:
+    api = MemoryNodeClient()
+    fleet = Fleet(api)
+    later = kwok_node("c")
+    later["metadata"]["resourceVersion"] = "140"
+    watcher: ListWatcher
+    core = FakeCore(
+        pages=[], on_exhausted=lambda: watcher.stop(),
+        streams=[
+            [{"type": "ADDED", "object": kwok_node("a")}, {"type": "ADDED", "object": kwok_node("b")},
+             initial_events_end("120"),
+             {"type": "ADDED", "object": later}],
+            # After the watch that followed on expired: a fresh stream.
+            [{"type": "ADDED", "object": kwok_node("b")}, initial_events_end("200")],
+        ],
+        watches=[[{"type": "ERROR", "object": {"code": 410, "message": "too old"}}]],
+    )
+    watcher = fleet_watcher(core, fleet)  # type: ignore[arg-type]
+    watcher.run()
+    assert watcher.synced.is_set()
+    assert fleet.node_names() == ["b"]  # a and c gone with the second stream's list
+    assert [(bool(c.get("send_initial_events")), c.get("resource_version")) for c in core.calls] == [
+        (True, None), (False, "140"), (True, None), (False, "200")]
+    assert all(c["resource_version_match"] == "NotOlderThan" for c in core.calls if c.get("send_initial_events"))
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.lists: list[list[str]] = []
+        self.events: list[tuple[str, str]] = []
+
+    def replace_all(self, objects: Any) -> None:
+        self.lists.append([o["metadata"]["name"] for o in objects])
+
+    def observe(self, event_type: str, obj: dict[str, Any]) -> None:
+        self.events.append((event_type, obj["metadata"]["name"]))
+
+
+def test_node_watcher_does_not_take_a_cut_stream_for_the_whole_list() -> None:
+    sink = RecordingSink()
+    watcher: ListWatcher
+    core = FakeCore(
+        pages=[], watches=[], on_exhausted=lambda: watcher.stop(),
+        streams=[[{"type": "ADDED", "object": kwok_node("a")}],  # ends before its bookmark
+                 [{"type": "ADDED", "object": kwok_node("b")}, initial_events_end("120"),
+                  {"type": "MODIFIED", "object": kwok_node("b")}]],
+    )
+    watcher = ListWatcher(core.list_node, sink, watch_timeout_s=5)
+    watcher.run()
+    assert watcher.synced.is_set()
+    assert sink.lists == [["b"]]
+    assert sink.events == [("MODIFIED", "b")]
+
+
+def test_node_watcher_pages_lists_where_streaming_is_refused_and_relists_when_expired() -> None:
     api = MemoryNodeClient()
     fleet = Fleet(api)
     deleted = kwok_node("a")
@@ -330,7 +401,9 @@ def test_node_watcher_lists_pages_watches_and_relists_when_expired() -> None:
     watcher.run()
     assert watcher.synced.is_set()
     assert fleet.node_names() == ["b"]  # c came and went with the relist
-    watches = [call for call in core.calls if call.get("watch")]
+    assert core.calls[0].get("send_initial_events")  # tried once, refused
+    assert not any(c.get("send_initial_events") for c in core.calls[1:])
+    watches = [call for call in core.calls[1:] if call.get("watch")]
     assert watches[0]["resource_version"] == "100"
     assert watches[1]["resource_version"] == "130"  # followed on from the last event
     lists = [call for call in core.calls if not call.get("watch")]

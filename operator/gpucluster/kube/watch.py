@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from kubernetes.client import ApiException
+
 from gpucluster.kube.client import read_reply
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,26 @@ class Sink(Protocol):
         object stops matching the selector)."""
 
 
+INITIAL_EVENTS_END = "k8s.io/initial-events-end"
+
+
+class WatchExpired(Exception):
+    """The version a watch follows on from is gone (410): list again."""
+
+
 class ListWatcher:
     """Lists, then watches, the objects a list call returns (`core.list_node`,
     `core.list_pod_for_all_namespaces`) that match a label selector, and
     feeds them to a sink; lists again when the watch expires (410 Gone) or
-    breaks."""
+    breaks.
+
+    The list is a watch's initial events (`sendInitialEvents`, Kubernetes'
+    streaming list) where the API server has them, else pages of a list
+    call. A paged list is a snapshot the watch must then follow on from, and
+    at 25,000 Nodes on a busy server reading it took longer than the server
+    keeps past events: the watch after it failed at once with 410, and the
+    list began again, over and over. A streaming list goes on as the watch,
+    with no gap to fall into."""
 
     def __init__(
         self,
@@ -43,12 +60,14 @@ class ListWatcher:
         label_selector: str = "",
         page_size: int = 500,
         watch_timeout_s: int = 300,
+        streaming: bool = True,
     ) -> None:
         self._list_call = list_call
         self._sink = sink
         self._selector = label_selector
         self._page_size = page_size
         self._watch_timeout_s = watch_timeout_s
+        self._streaming = streaming
         self._stop = threading.Event()
         self._response: Any = None
         self.synced = threading.Event()  # set once the first list is in
@@ -56,15 +75,29 @@ class ListWatcher:
     def run(self) -> None:
         while not self._stop.is_set():
             try:
-                resource_version: str | None = self._list()
-                self.synced.set()
+                resource_version: str | None = self._stream() if self._streaming else self._list()
                 while not self._stop.is_set() and resource_version is not None:
                     resource_version = self._watch(resource_version)
-            except Exception as err:
-                if self._stop.is_set():
+            except ApiException as err:
+                if self._streaming and err.status in (400, 403, 422):
+                    # An API server without the WatchList feature refuses
+                    # sendInitialEvents as an invalid request.
+                    log.warning("streaming list of %s refused (%s %s): paged lists from now on",
+                                self._list_call.__name__, err.status, err.reason)
+                    self._streaming = False
+                elif not self._failed(err):
                     return
-                log.warning("watching %s failed, listing again: %s", self._list_call.__name__, err)
-                self._stop.wait(2.0)
+            except Exception as err:
+                if not self._failed(err):
+                    return
+
+    def _failed(self, err: Exception) -> bool:
+        """Logs a failure and waits a little; False when stopping."""
+        if self._stop.is_set():
+            return False
+        log.warning("watching %s failed, listing again: %s", self._list_call.__name__, err)
+        self._stop.wait(2.0)
+        return True
 
     def start(self, name: str) -> threading.Thread:
         thread = threading.Thread(target=self.run, name=name, daemon=True)
@@ -104,32 +137,78 @@ class ListWatcher:
         self._sink.replace_all(pages())
         if not versions:
             raise RuntimeError(f"the sink of {self._list_call.__name__} stopped reading the list before its end")
+        self.synced.set()
         return versions[0]
+
+    def _stream(self) -> str | None:
+        """A streaming list: the sink reads the watch's initial events as its
+        list, and the same watch then goes on with the changes after it.
+        Returns the version to follow on from, as `_watch`."""
+        events = self._open(send_initial_events=True, resource_version_match="NotOlderThan")
+        try:
+            end: list[str] = []
+
+            def initial() -> Iterator[Mapping[str, Any]]:
+                for kind, obj in events:
+                    if kind != "BOOKMARK":
+                        yield obj
+                    elif (obj["metadata"].get("annotations") or {}).get(INITIAL_EVENTS_END) == "true":
+                        end.append(obj["metadata"]["resourceVersion"])
+                        return
+                raise RuntimeError(f"the watch of {self._list_call.__name__} ended before its initial events did")
+
+            try:
+                self._sink.replace_all(initial())
+            except WatchExpired:
+                return None
+            if not end:
+                raise RuntimeError(f"the sink of {self._list_call.__name__} stopped reading the list before its end")
+            self.synced.set()
+            return self._follow(events, end[0])
+        finally:
+            self._close()
 
     def _watch(self, resource_version: str) -> str | None:
         """Follows the watch from a version; returns the version to follow on
         from, or None when the watch expired and the sink must list again."""
+        events = self._open(resource_version=resource_version)
+        try:
+            return self._follow(events, resource_version)
+        finally:
+            self._close()
+
+    def _open(self, **options: Any) -> Iterator[tuple[str, Mapping[str, Any]]]:
         self._response = self._list_call(
             label_selector=self._selector, watch=True, allow_watch_bookmarks=True,
-            resource_version=resource_version, timeout_seconds=self._watch_timeout_s,
-            _preload_content=False,
+            timeout_seconds=self._watch_timeout_s, _preload_content=False, **options,
         )
+        return self._events(self._response)
+
+    def _events(self, response: Any) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        """The watch's events, as (type, object); raises WatchExpired on the
+        server's ERROR event (410 Gone: the version is too old to watch from)."""
+        for line in response:
+            if self._stop.is_set():
+                return
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event["type"] == "ERROR":
+                log.info("watch of %s ended: %s", self._list_call.__name__, event["object"].get("message"))
+                raise WatchExpired(event["object"].get("message"))
+            yield event["type"], event["object"]
+
+    def _follow(self, events: Iterator[tuple[str, Mapping[str, Any]]], resource_version: str) -> str | None:
         try:
-            for line in self._response:
-                if self._stop.is_set():
-                    return None
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, obj = event["type"], event["object"]
-                if kind == "ERROR":
-                    # 410 Gone: the version is too old to watch from.
-                    log.info("watch of %s ended: %s", self._list_call.__name__, obj.get("message"))
-                    return None
+            for kind, obj in events:
                 resource_version = obj["metadata"]["resourceVersion"]
                 if kind != "BOOKMARK":
                     self._sink.observe(kind, obj)
-        finally:
-            response, self._response = self._response, None
+        except WatchExpired:
+            return None
+        return None if self._stop.is_set() else resource_version
+
+    def _close(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
             response.release_conn()
-        return resource_version
