@@ -326,11 +326,15 @@ def initial_events_end(version: str) -> dict[str, Any]:
         "resourceVersion": version, "annotations": {"k8s.io/initial-events-end": "true"}}}}
 
 
+def kwok_node_at(name: str, resource_version: str) -> dict[str, Any]:
+    node = kwok_node(name)
+    node["metadata"]["resourceVersion"] = resource_version
+    return node
+
+
 def test_node_watcher_streams_its_list_then_follows_the_same_watch() -> None:
-    api = MemoryNodeClient()
-    fleet = Fleet(api)
-    later = kwok_node("c")
-    later["metadata"]["resourceVersion"] = "140"
+    fleet = Fleet(MemoryNodeClient())
+    later = kwok_node_at("c", "140")
     watcher: ListWatcher
     core = FakeCore(
         pages=[], on_exhausted=lambda: watcher.stop(),
@@ -381,10 +385,8 @@ def test_node_watcher_does_not_take_a_cut_stream_for_the_whole_list() -> None:
 
 
 def test_node_watcher_pages_lists_where_streaming_is_refused_and_relists_when_expired() -> None:
-    api = MemoryNodeClient()
-    fleet = Fleet(api)
-    deleted = kwok_node("a")
-    deleted["metadata"]["resourceVersion"] = "130"
+    fleet = Fleet(MemoryNodeClient())
+    deleted = kwok_node_at("a", "130")
     watcher: ListWatcher
     core = FakeCore(
         pages=[([kwok_node("a")], "page-2"), ([kwok_node("b")], None),  # the first list
