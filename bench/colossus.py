@@ -203,7 +203,7 @@ def main() -> int:
                              "Default: 40 (a kubelet's 10 s renewals) up to 2,000 nodes, 0 above: the "
                              "operator watches Nodes, not Leases, and 2,500 renewals a second at "
                              "25,000 nodes are more than an API server on 2 shared cores takes")
-    parser.add_argument("--kwok-shards", type=int, default=None,
+    parser.add_argument("--kwok-shards", type=devcluster.kwok_shard_count, default=None,
                         help="KWOK controllers sharing the simulated nodes (devcluster.py); default: one "
                              "per 5,000 nodes, at most 8")
     args = parser.parse_args()

@@ -173,7 +173,8 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=300, help="seconds to watch once all are Ready")
     parser.add_argument("--every", type=float, default=20, help="seconds between report lines")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds from the first create to give up")
-    parser.add_argument("--kwok-shards", type=int, default=1, help="KWOK controllers sharing the nodes")
+    parser.add_argument("--kwok-shards", type=devcluster.kwok_shard_count, default=1,
+                        help="KWOK controllers sharing the nodes")
     parser.add_argument("--lease-seconds", type=int, default=40,
                         help="KWOK's node Lease duration, renewed every quarter of it (0: no Leases)")
     args = parser.parse_args()

@@ -504,6 +504,14 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
     return stopped
 
 
+def kwok_shard_count(text: str) -> int:
+    """argparse's type for a `--kwok-shards` option."""
+    shards = int(text) if text.isdigit() else 0
+    if not 1 <= shards <= names.KWOK_SHARD_BUCKETS:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to {names.KWOK_SHARD_BUCKETS}, not {text!r}")
+    return shards
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpucluster dev-cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down", "status", "env", "build"])
@@ -514,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                              "CoreDNS; see gpucluster.realnode)")
     parser.add_argument("--real-node", action="store_const", const=1, dest="real_nodes",
                         help="up: one real node (--real-nodes 1)")
-    parser.add_argument("--kwok-shards", type=int, default=1, metavar="K",
+    parser.add_argument("--kwok-shards", type=kwok_shard_count, default=1, metavar="K",
                         help=f"up: run KWOK as K controllers, each managing a K-th of the nodes by their "
                              f"{names.LABEL_KWOK_SHARD} label (1 to {names.KWOK_SHARD_BUCKETS}; default 1). "
                              f"For tens of thousands of nodes: one KWOK's node intake is one goroutine")
