@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -47,3 +48,10 @@ def test_buckets_are_stable_and_spread() -> None:
     assert buckets == [kwok_shard_of(n) for n in node_names]
     counts = [buckets.count(str(b)) for b in range(names.KWOK_SHARD_BUCKETS)]
     assert min(counts) > 900 and max(counts) < 1100, counts
+
+
+def test_the_command_line_refuses_shard_counts_outside_the_buckets() -> None:
+    assert devcluster.kwok_shard_count("4") == 4
+    for text in ("0", "17", "-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a whole number from 1 to 16"):
+            devcluster.kwok_shard_count(text)
