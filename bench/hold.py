@@ -124,8 +124,8 @@ def run(bench: BenchCluster, count: int, hold: float, every: float, timeout: flo
     state = devcluster.ClusterState.load(bench.state_dir)
     if state is None:
         raise SystemExit(f"no cluster state in {bench.state_dir}: its processes' CPU can't be read")
-    pids = {name: [pid for component, pid in state.pids.items()
-                   if component == name or component.startswith(f"{name}-")] for name in COMPONENTS}
+    pids = {name: [pid for component, pid in state.pids.items() if devcluster.binary_of(component) == name]
+            for name in COMPONENTS}
     cluster = f"hold{int(time.time()) % 100000}"
     tally = NodeTally(bench, f"{names.LABEL_CLUSTER}={cluster}")
 

@@ -300,7 +300,7 @@ _BINARIES = {
 }
 
 
-def _binary(component: str) -> str:
+def binary_of(component: str) -> str:
     """The binary a component runs: KWOK's shards are `kwok-1`, `kwok-2`, ..."""
     return KWOK if component.startswith(f"{KWOK}-") else _BINARIES[component]
 
@@ -330,7 +330,7 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterState | None:
     if state is None or not state.pids:
         return None
     running = [n for n, pid in state.pids.items()
-               if _alive(pid, str(Path(state.bin_dir) / _binary(n)))]
+               if _alive(pid, str(Path(state.bin_dir) / binary_of(n)))]
     return state if running else None
 
 
@@ -498,7 +498,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
         return []
     # Reverse start order: clients first, etcd last.
     stopped = [name for name in reversed(list(state.pids))
-               if stop_process(state.pids[name], str(Path(state.bin_dir) / _binary(name)))]
+               if stop_process(state.pids[name], str(Path(state.bin_dir) / binary_of(name)))]
     state.pids = {}
     state.save()
     return stopped

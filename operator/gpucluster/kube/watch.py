@@ -60,14 +60,13 @@ class ListWatcher:
         label_selector: str = "",
         page_size: int = 500,
         watch_timeout_s: int = 300,
-        streaming: bool = True,
     ) -> None:
         self._list_call = list_call
         self._sink = sink
         self._selector = label_selector
         self._page_size = page_size
         self._watch_timeout_s = watch_timeout_s
-        self._streaming = streaming
+        self._streaming = True  # until the API server refuses it
         self._stop = threading.Event()
         self._response: Any = None
         self.synced = threading.Event()  # set once the first list is in
