@@ -29,11 +29,13 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, SupportsIndex
@@ -51,6 +53,8 @@ H100_SHARE = 0.75
 # node simulator has fallen behind, the jobs' part of the run still runs.
 RAW_AT_FULL_SIZE_TIMEOUT_S = 600
 SUBMITTERS = 8
+PROFILE_RATE_HZ = 20
+ADMISSIONS_SETTLED_S = 60
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -157,6 +161,46 @@ def histogram_quantile(buckets: dict[str, float], q: float) -> float:
     return lower
 
 
+# Where the operator's time goes, by the package a sample's stack passes
+# through (a sample counts under each it passes through).
+PROFILE_PACKAGES = {
+    "Kopf's machinery": "(kopf/",
+    "planning (decisions)": "(gpucluster/planning/",
+    "Node and pod watches (ListWatcher)": "(gpucluster/kube/watch.py",
+    "indexes": "(gpucluster/handlers/indexes.py",
+    "kubernetes client": "(kubernetes/",
+    "JSON": "(json/",
+    "TLS reads and writes": "(ssl.py",
+    "the event loop waiting (select)": "EpollSelector.select",
+}
+
+
+def profile_summary(path: Path, top: int = 12) -> list[str]:
+    """The functions that used the most CPU themselves, and the share of
+    samples under each of PROFILE_PACKAGES, from py-spy's raw stacks."""
+    own: Counter[str] = Counter()
+    under: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[re.sub(r":\d+\)$", ")", frames[-1])] += count
+        for label, marker in PROFILE_PACKAGES.items():
+            if any(marker in frame for frame in frames):
+                under[label] += count
+    if not total:
+        return [f"py-spy: no samples in {path}"]
+    lines = [f"py-spy: {total} samples at {PROFILE_RATE_HZ} Hz of the operator's threads not idle by py-spy's "
+             f"reckoning, phases 1-3 ({path})"]
+    lines += [f"  {100 * n / total:5.1f} %  under {label}" for label, n in under.most_common()]
+    lines += [f"  {100 * n / total:5.1f} %  own   {frame}" for frame, n in own.most_common(top)]
+    return lines
+
+
 def free_port() -> int:
     import socket
 
@@ -205,6 +249,10 @@ def main() -> int:
                              "Default: 40 (a kubelet's 10 s renewals) up to 2,000 nodes, 0 above: the "
                              "operator watches Nodes, not Leases, and 2,500 renewals a second at "
                              "25,000 nodes are more than an API server on 2 shared cores takes")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the operator with py-spy from its start to its restart (phases 1-3) into "
+                             "this file (py-spy's raw collapsed stacks, for flamegraph tools) and print where "
+                             "its CPU went")
     parser.add_argument("--kwok-shards", type=devcluster.kwok_shard_count, default=None,
                         help="KWOK controllers sharing the simulated nodes (devcluster.py); default: one "
                              "per 5,000 nodes, at most 8")
@@ -240,6 +288,10 @@ def main() -> int:
         metrics_port = free_port()
         operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                     log=log_dir / "operator.log")
+        profiler = None if args.profile is None else subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(operator.pid), "--format", "raw",
+             "--rate", str(PROFILE_RATE_HZ), "--nonblocking", "--output", str(args.profile)],
+            stdout=subprocess.DEVNULL, stderr=open(log_dir / "py-spy.log", "w"))  # noqa: SIM115
         cluster = "colossus"
         agent = None
         try:
@@ -329,8 +381,18 @@ def main() -> int:
             with ThreadPoolExecutor(SUBMITTERS) as submitters:
                 list(submitters.map(submit, trace))
             first = min(submitted.values())
-            wait(lambda: len(jobs.admitted_at) >= len(submitted) * 0.5, args.timeout, "half the jobs admitted")
-            time.sleep(20)
+
+            def admissions_settled() -> bool:
+                """Every job admitted, or none for a while: jobs here never
+                end (no run-time limits), so on a small cluster the queue's
+                head waits for GPUs no gang gives back, and what it reserved
+                stays reserved."""
+                if len(jobs.admitted_at) >= len(submitted):
+                    return True
+                admitted = list(jobs.admitted_at.values())  # the watch thread adds to it
+                return bool(admitted) and time.time() - max(admitted) > ADMISSIONS_SETTLED_S
+
+            wait(admissions_settled, args.timeout, "admissions to settle")
             latencies = [jobs.admitted_at[n] - t for n, t in submitted.items() if n in jobs.admitted_at]
             last = max(jobs.admitted_at.values())
             decisions = metric(metrics_port, "gpucluster_admission_decision_seconds_bucket")
@@ -376,6 +438,10 @@ def main() -> int:
             operator.terminate()
             operator.wait(60)
             restarted = time.monotonic()
+            if profiler is not None:
+                profiler.wait(60)  # it writes its file once the process it records is gone
+                for line in profile_summary(args.profile):
+                    print(line, file=sys.stderr, flush=True)
             operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                         log=log_dir / "operator-2.log")
 
@@ -403,6 +469,8 @@ def main() -> int:
                 if process is not None:
                     process.terminate()
                     process.wait(60)
+            if profiler is not None:
+                profiler.wait(60)
     width = max(len(r[0]) for r in rows)
     for label, value, note in rows:
         print(f"{label:<{width}}  {value:>16}  {note}")
