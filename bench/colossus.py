@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import Any, SupportsIndex
 
 import kubernetes
-from common import BenchCluster, bench_cluster, cpu_seconds
+from common import (
+    BenchCluster,
+    add_simulator_arguments,
+    bench_cluster,
+    cpu_seconds,
+    simulator_args,
+    simulator_settings,
+    simulator_summary,
+)
 from gpucluster import devcluster, names
 from gpucluster.kube.client import read_reply
 from gpucluster.sim.trace import generate
@@ -243,30 +251,18 @@ def main() -> int:
                              "A raw rate taken on an API server holding fewer nodes is the faster one, so a "
                              "sample only makes the ratio harder for the operator; at 25,000 nodes it saves "
                              "creating and deleting 23,000 nodes (over 40 minutes)")
-    parser.add_argument("--lease-seconds", type=int, default=None,
-                        help="KWOK's node Lease duration, renewed every quarter of it; 0: no Leases, the "
-                             "node status posts (one per node about every 300 s) keep nodes Ready. "
-                             "Default: 40 (a kubelet's 10 s renewals) up to 2,000 nodes, 0 above: the "
-                             "operator watches Nodes, not Leases, and 2,500 renewals a second at "
-                             "25,000 nodes are more than an API server on 2 shared cores takes")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the operator with py-spy from its start to its restart (phases 1-3) into "
                              "this file (py-spy's raw collapsed stacks, for flamegraph tools) and print where "
                              "its CPU went")
-    parser.add_argument("--kwok-shards", type=devcluster.kwok_shard_count, default=None,
-                        help="KWOK controllers sharing the simulated nodes (devcluster.py); default: one "
-                             "per 5,000 nodes, at most 8")
+    add_simulator_arguments(parser)
     args = parser.parse_args()
-    kwok_shards = args.kwok_shards or min(8, max(1, -(-args.nodes // 5000)))
-    lease_seconds = args.lease_seconds if args.lease_seconds is not None else (40 if args.nodes <= 2000 else 0)
+    lease_seconds, kwok_shards = simulator_settings(args, args.nodes)
     log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-colossus-"))
     rows = Rows()
     timeline = Timeline()
-    leases = f"{lease_seconds} s, renewed every {lease_seconds / 4:g} s" if lease_seconds else "off"
-    print(f"KWOK: {kwok_shards} controller(s); node leases: {leases}; node status posts about every 300 s "
-          f"({args.nodes / 300:.0f}/s)", file=sys.stderr, flush=True)
-    with bench_cluster("bench-colossus", {"kwok": [f"--node-lease-duration-seconds={lease_seconds}"]},
-                       kwok_shards) as bench:
+    print(simulator_summary(lease_seconds, kwok_shards, args.nodes), file=sys.stderr, flush=True)
+    with bench_cluster("bench-colossus", simulator_args(lease_seconds), kwok_shards) as bench:
         apiserver = pid_of(Path(bench.kubeconfig).parent, "kube-apiserver")
 
         def usage(phase: str, operator_pid: int, cpu0: tuple[float, float],

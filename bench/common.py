@@ -4,6 +4,7 @@ a process."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -23,6 +24,11 @@ sys.path.insert(0, str(REPO / "operator"))
 
 from gpucluster import devcluster  # noqa: E402
 from gpucluster.kube.client import CONCURRENCY  # noqa: E402
+
+LEASE_SECONDS = 40
+LEASES_UP_TO_NODES = 2000
+NODES_PER_KWOK = 5000
+MAX_DEFAULT_KWOK_SHARDS = 8
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -47,6 +53,39 @@ class BenchCluster:
         with open(log, "wb") as out:
             return subprocess.Popen([sys.executable, "-m", "gpucluster.cli", *argv], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
+
+
+def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    """KWOK's settings for a bench of many nodes; `simulator_settings` fills
+    in the defaults for the run's node count."""
+    parser.add_argument("--lease-seconds", type=int, default=None,
+                        help="KWOK's node Lease duration, renewed every quarter of it; 0: no Leases, the "
+                             "node status posts (one per node about every 300 s) keep nodes Ready. "
+                             f"Default: {LEASE_SECONDS} (a kubelet's 10 s renewals) up to "
+                             f"{LEASES_UP_TO_NODES:,} nodes, 0 above: the operator watches Nodes, not Leases, "
+                             "and 2,500 renewals a second at 25,000 nodes are more than an API server on 2 "
+                             "shared cores takes")
+    parser.add_argument("--kwok-shards", type=devcluster.kwok_shard_count, default=None,
+                        help=f"KWOK controllers sharing the simulated nodes (devcluster.py); default: one "
+                             f"per {NODES_PER_KWOK:,} nodes, at most {MAX_DEFAULT_KWOK_SHARDS}")
+
+
+def simulator_settings(args: argparse.Namespace, nodes: int) -> tuple[int, int]:
+    """The node Lease duration and the KWOK controllers for a run of `nodes`."""
+    lease_seconds = args.lease_seconds if args.lease_seconds is not None else (
+        LEASE_SECONDS if nodes <= LEASES_UP_TO_NODES else 0)
+    kwok_shards = args.kwok_shards or min(MAX_DEFAULT_KWOK_SHARDS, max(1, -(-nodes // NODES_PER_KWOK)))
+    return lease_seconds, kwok_shards
+
+
+def simulator_args(lease_seconds: int) -> dict[str, list[str]]:
+    return {"kwok": [f"--node-lease-duration-seconds={lease_seconds}"]}
+
+
+def simulator_summary(lease_seconds: int, kwok_shards: int, nodes: int) -> str:
+    leases = f"{lease_seconds} s, renewed every {lease_seconds / 4:g} s" if lease_seconds else "off"
+    return (f"KWOK: {kwok_shards} controller(s); node leases: {leases}; node status posts about every 300 s "
+            f"({nodes / 300:.0f}/s)")
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import BenchCluster, bench_cluster, cpu_seconds, watch_nodes
+from common import BenchCluster, bench_cluster, cpu_seconds, simulator_args, watch_nodes
 from gpucluster import devcluster, names
 from gpucluster.kube.client import CONCURRENCY
 from prometheus_client.parser import text_string_to_metric_families
@@ -178,8 +178,7 @@ def main() -> int:
     parser.add_argument("--lease-seconds", type=int, default=40,
                         help="KWOK's node Lease duration, renewed every quarter of it (0: no Leases)")
     args = parser.parse_args()
-    with bench_cluster("hold", {"kwok": [f"--node-lease-duration-seconds={args.lease_seconds}"]},
-                       args.kwok_shards) as bench:
+    with bench_cluster("hold", simulator_args(args.lease_seconds), args.kwok_shards) as bench:
         held = run(bench, args.nodes, args.hold, args.every, args.timeout)
     return 0 if held else 1
 

@@ -7,7 +7,11 @@ the same Node objects Ready on the same API server, in the same run.
 Both sides end at the same line (every node Ready, as KWOK reports it), use
 the same Node manifests and the same client concurrency, so the ratio is the
 operator's own overhead. A local control plane is started for the run (or
-GPUCLUSTER_KUBECONFIG names a running one).
+GPUCLUSTER_KUBECONFIG names a running one). KWOK is set up as for
+bench/colossus.py at the largest count (`--kwok-shards`, `--lease-seconds`),
+so `--nodes 25000` gives the raw rate over the whole 0 to 25,000 that
+colossus only samples at its two ends (about an hour: 25,000 raw creates and
+their deletes, then the operator's).
 
 `--provider karpenter` adds a karpenter pool beside the kwok one: the
 operator writes one NodePool and Karpenter's own KWOK provider (built by
@@ -29,7 +33,15 @@ from typing import Any
 
 import kubernetes
 import urllib3
-from common import BenchCluster, bench_cluster, watch_nodes
+from common import (
+    BenchCluster,
+    add_simulator_arguments,
+    bench_cluster,
+    simulator_args,
+    simulator_settings,
+    simulator_summary,
+    watch_nodes,
+)
 from gpucluster import devkarpenter, names
 from gpucluster.api.gpus import GPUProduct
 from gpucluster.kube.client import CONCURRENCY
@@ -163,10 +175,14 @@ def main() -> int:
                         help="providers to run beside the raw rate (repeatable; default kwok; karpenter "
                              "runs kwok too, for comparison)")
     parser.add_argument("--timeout", type=float, default=1800)
+    add_simulator_arguments(parser)
     args = parser.parse_args()
+    counts = args.nodes or [1000]
     providers = [PoolProvider.KWOK] + [p for p in args.provider or [] if p != PoolProvider.KWOK]
     logs = Path(tempfile.mkdtemp(prefix="gpucluster-bench-"))
-    with bench_cluster("bench") as bench:
+    lease_seconds, kwok_shards = simulator_settings(args, max(counts))
+    print(simulator_summary(lease_seconds, kwok_shards, max(counts)), file=sys.stderr, flush=True)
+    with bench_cluster("bench", simulator_args(lease_seconds), kwok_shards) as bench:
         if PoolProvider.KARPENTER in providers:
             start_karpenter(bench, logs)
         operator = bench.gpucluster("run", "--metrics-port", "0", "--liveness-port", "0",
@@ -177,7 +193,7 @@ def main() -> int:
             for provider in providers:
                 header += f" {provider + ' s':>12} {provider + ' nodes/s':>18} {'ratio':>6}"
             print(header, flush=True)
-            for count in args.nodes or [1000]:
+            for count in counts:
                 raw = raw_create(bench, count, args.timeout)
                 row = f"{count:>7} {raw:>8.1f} {count / raw:>12.0f}"
                 for provider in providers:

@@ -1,0 +1,57 @@
+"""bench/colossus.py's pure parts: the simulator's settings for a run's size
+and the summary of a py-spy profile."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+import colossus  # noqa: E402
+import common  # noqa: E402
+
+
+def settings(*argv: str, nodes: int) -> tuple[int, int]:
+    parser = argparse.ArgumentParser()
+    common.add_simulator_arguments(parser)
+    return common.simulator_settings(parser.parse_args(list(argv)), nodes)
+
+
+@pytest.mark.parametrize(("nodes", "expected"), [
+    (1000, (40, 1)), (2000, (40, 1)), (2001, (0, 1)), (5001, (0, 2)), (25000, (0, 5)), (100000, (0, 8)),
+])
+def test_kwok_defaults_follow_the_run_size(nodes: int, expected: tuple[int, int]) -> None:
+    assert settings(nodes=nodes) == expected
+
+
+def test_given_kwok_settings_win_over_the_defaults() -> None:
+    assert settings("--lease-seconds", "0", "--kwok-shards", "3", nodes=1000) == (0, 3)
+    assert settings("--lease-seconds", "40", nodes=25000) == (40, 5)
+
+
+def test_profile_summary_counts_own_time_and_time_under_each_package(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.raw"
+    raw.write_text(
+        "main (gpucluster/cli.py:10);process (kopf/_core/reactor/processing.py:5);"
+        "loads (json/__init__.py:346) 30\n"
+        "main (gpucluster/cli.py:10);cycle (gpucluster/planning/lifecycle.py:20) 50\n"
+        "main (gpucluster/cli.py:10);cycle (gpucluster/planning/lifecycle.py:21) 10\n"
+        "main (gpucluster/cli.py:10);EpollSelector.select (selectors.py:468) 10\n")
+    lines = colossus.profile_summary(raw)
+    assert "100 samples" in lines[0]
+    assert "   60.0 %  under planning (decisions)" in lines
+    assert "   30.0 %  under Kopf's machinery" in lines
+    assert "   30.0 %  under JSON" in lines
+    # Lines of one function are one function.
+    assert "   60.0 %  own   cycle (gpucluster/planning/lifecycle.py)" in lines
+    assert "   10.0 %  own   EpollSelector.select (selectors.py)" in lines
+
+
+def test_an_empty_profile_says_so(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.raw"
+    raw.write_text("")
+    assert colossus.profile_summary(raw) == [f"py-spy: no samples in {raw}"]
