@@ -62,6 +62,7 @@ H100_SHARE = 0.75
 RAW_AT_FULL_SIZE_TIMEOUT_S = 600
 SUBMITTERS = 8
 PROFILE_RATE_HZ = 20
+PROFILE_WINDOW_S = 60
 ADMISSIONS_SETTLED_S = 60
 
 
@@ -183,7 +184,36 @@ PROFILE_PACKAGES = {
 }
 
 
-def profile_summary(path: Path, top: int = 12) -> list[str]:
+class Profiler:
+    """py-spy on the operator for a window from the start of each phase."""
+
+    def __init__(self, directory: Path | None, log_dir: Path) -> None:
+        self.directory = directory
+        self.log_dir = log_dir
+        self.windows: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def window(self, phase: str, pid: int) -> None:
+        if self.directory is None:
+            return
+        path = self.directory / f"phase-{phase}.raw"
+        with open(self.log_dir / f"py-spy-{phase}.log", "wb") as log:
+            self.windows.append((phase, path, subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw",
+                 "--rate", str(PROFILE_RATE_HZ), "--nonblocking", "--duration", str(PROFILE_WINDOW_S),
+                 "--output", str(path)], stdout=subprocess.DEVNULL, stderr=log)))
+
+    def report(self) -> None:
+        for phase, path, process in self.windows:
+            process.wait(PROFILE_WINDOW_S + 60)
+            what = f"phase {phase}, {PROFILE_WINDOW_S} s from its start"
+            lines = profile_summary(path, what) if path.exists() else [f"py-spy: nothing recorded for {what}"]
+            for line in lines:
+                print(line, file=sys.stderr, flush=True)
+
+
+def profile_summary(path: Path, what: str, top: int = 12) -> list[str]:
     """The functions that used the most CPU themselves, and the share of
     samples under each of PROFILE_PACKAGES, from py-spy's raw stacks."""
     own: Counter[str] = Counter()
@@ -203,7 +233,7 @@ def profile_summary(path: Path, top: int = 12) -> list[str]:
     if not total:
         return [f"py-spy: no samples in {path}"]
     lines = [f"py-spy: {total} samples at {PROFILE_RATE_HZ} Hz of the operator's threads not idle by py-spy's "
-             f"reckoning, phases 1-3 ({path})"]
+             f"reckoning (a thread blocked in a TLS read counts), {what} ({path})"]
     lines += [f"  {100 * n / total:5.1f} %  under {label}" for label, n in under.most_common()]
     lines += [f"  {100 * n / total:5.1f} %  own   {frame}" for frame, n in own.most_common(top)]
     return lines
@@ -251,10 +281,11 @@ def main() -> int:
                              "A raw rate taken on an API server holding fewer nodes is the faster one, so a "
                              "sample only makes the ratio harder for the operator; at 25,000 nodes it saves "
                              "creating and deleting 23,000 nodes (over 40 minutes)")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="record the operator with py-spy from its start to its restart (phases 1-3) into "
-                             "this file (py-spy's raw collapsed stacks, for flamegraph tools) and print where "
-                             "its CPU went")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help=f"record the operator with py-spy for {PROFILE_WINDOW_S} s from the start of each "
+                             "phase into DIR (py-spy's raw collapsed stacks, for flamegraph tools) and print "
+                             "where its time went; windows, not the whole run: py-spy walking the operator's "
+                             "threads 20 times a second took a third of a core")
     add_simulator_arguments(parser)
     args = parser.parse_args()
     lease_seconds, kwok_shards = simulator_settings(args, args.nodes)
@@ -284,10 +315,7 @@ def main() -> int:
         metrics_port = free_port()
         operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                     log=log_dir / "operator.log")
-        profiler = None if args.profile is None else subprocess.Popen(
-            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(operator.pid), "--format", "raw",
-             "--rate", str(PROFILE_RATE_HZ), "--nonblocking", "--output", str(args.profile)],
-            stdout=subprocess.DEVNULL, stderr=open(log_dir / "py-spy.log", "w"))  # noqa: SIM115
+        profiler = Profiler(args.profile, log_dir)
         cluster = "colossus"
         agent = None
         try:
@@ -305,6 +333,7 @@ def main() -> int:
 
             cpu0 = cpu_now(operator.pid)
             applied = time.monotonic()
+            profiler.window("1", operator.pid)
             bench.kubectl("apply", "-f", "-", input=json.dumps(manifest(cluster, args.nodes)))
             custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
             shown: list[str] = []  # status.nodes, `kubectl get tc`'s NODES column, as it grows
@@ -362,6 +391,7 @@ def main() -> int:
             end_of_phase_1 = len(rows)
 
             cpu0 = cpu_now(operator.pid)
+            profiler.window("2", operator.pid)
             trace = list(generate(args.jobs, seed=7, mean_interarrival=0.0001, mean_runtime=3600,
                                   gpus=["H100-80GB-HBM3", "H200-141GB"], max_gpus=2048))
             submitted: dict[str, float] = {}
@@ -417,6 +447,7 @@ def main() -> int:
             cpu0 = cpu_now(operator.pid)
             restarts_before = sum(jobs.restarts.values())
             busy = sorted(nodes.healthy)[:: max(1, args.nodes // args.faults)][: args.faults]
+            profiler.window("3", operator.pid)
             injected = inject(bench, busy, 0.1)
             faults_injected = len(injected)
             wait(lambda: all(n in nodes.quarantined_at for n in busy), 600, "every faulty node quarantined")
@@ -434,12 +465,10 @@ def main() -> int:
             operator.terminate()
             operator.wait(60)
             restarted = time.monotonic()
-            if profiler is not None:
-                profiler.wait(60)  # it writes its file once the process it records is gone
-                for line in profile_summary(args.profile):
-                    print(line, file=sys.stderr, flush=True)
             operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                         log=log_dir / "operator-2.log")
+            time.sleep(1)  # py-spy finds no interpreter in a process this young
+            profiler.window("4", operator.pid)
 
             def first_cycle() -> bool:
                 try:
@@ -465,8 +494,7 @@ def main() -> int:
                 if process is not None:
                     process.terminate()
                     process.wait(60)
-            if profiler is not None:
-                profiler.wait(60)
+            profiler.report()
     width = max(len(r[0]) for r in rows)
     for label, value, note in rows:
         print(f"{label:<{width}}  {value:>16}  {note}")

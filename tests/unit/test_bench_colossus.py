@@ -41,8 +41,8 @@ def test_profile_summary_counts_own_time_and_time_under_each_package(tmp_path: P
         "main (gpucluster/cli.py:10);cycle (gpucluster/planning/lifecycle.py:20) 50\n"
         "main (gpucluster/cli.py:10);cycle (gpucluster/planning/lifecycle.py:21) 10\n"
         "main (gpucluster/cli.py:10);EpollSelector.select (selectors.py:468) 10\n")
-    lines = colossus.profile_summary(raw)
-    assert "100 samples" in lines[0]
+    lines = colossus.profile_summary(raw, "phase 1")
+    assert "100 samples" in lines[0] and "phase 1" in lines[0]
     assert "   60.0 %  under planning (decisions)" in lines
     assert "   30.0 %  under Kopf's machinery" in lines
     assert "   30.0 %  under JSON" in lines
@@ -54,4 +54,4 @@ def test_profile_summary_counts_own_time_and_time_under_each_package(tmp_path: P
 def test_an_empty_profile_says_so(tmp_path: Path) -> None:
     raw = tmp_path / "profile.raw"
     raw.write_text("")
-    assert colossus.profile_summary(raw) == [f"py-spy: no samples in {raw}"]
+    assert colossus.profile_summary(raw, "phase 1") == [f"py-spy: no samples in {raw}"]
