@@ -14,7 +14,7 @@ from gpucluster.agent.exporter import DcgmCollector
 from gpucluster.agent.fleet import Fleet, FleetRunner, fleet_watcher, gpu_count
 from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
 from gpucluster.agent.nodestatus import MemoryNodeClient, gpu_condition_of
-from gpucluster.kube.watch import ListWatcher
+from gpucluster.kube.watch import ListWatcher, list_items
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
     ANNOTATION_KWOK_NODE,
@@ -282,7 +282,8 @@ class FakeCore:
     """The list_node calls a ListWatcher of Nodes makes, answered from
     scripts: streaming lists (a watch with sendInitialEvents) from `streams`,
     or refused as an API server without them refuses them when `streams` is
-    None; pages of a list; plain watches."""
+    None; lists of the watch cache (resourceVersion 0) from `cached`; pages
+    of a list; plain watches."""
 
     class Response:
         def __init__(self, body: bytes = b"", lines: list[dict[str, Any]] | None = None):
@@ -292,13 +293,19 @@ class FakeCore:
         def __iter__(self):
             return iter(self._lines)
 
+        def stream(self, amount: int):
+            # Small chunks, so objects arrive split across them.
+            return (self.data[i:i + 7] for i in range(0, len(self.data), 7))
+
         def release_conn(self) -> None:
             pass
 
     def __init__(self, pages: list[tuple[list[dict[str, Any]], str | None]],
                  watches: list[list[dict[str, Any]]], on_exhausted: Any,
-                 streams: list[list[dict[str, Any]]] | None = None) -> None:
+                 streams: list[list[dict[str, Any]]] | None = None,
+                 cached: list[tuple[list[dict[str, Any]], str]] | None = None) -> None:
         self.pages, self.watches, self.on_exhausted, self.streams = pages, watches, on_exhausted, streams
+        self.cached = cached or []
         self.calls: list[dict[str, Any]] = []
 
     def list_node(self, **kwargs: Any) -> Response:
@@ -315,6 +322,11 @@ class FakeCore:
                 self.on_exhausted()
                 return self.Response()
             return self.Response(lines=self.watches.pop(0))
+        if kwargs.get("resource_version") == "0":
+            items, version = self.cached.pop(0)
+            return self.Response(json.dumps({"kind": "NodeList", "apiVersion": "v1",
+                                             "metadata": {"resourceVersion": version}, "items": items},
+                                            separators=(",", ":")).encode())
         items, more = self.pages.pop(0)
         return self.Response(json.dumps({
             "items": items, "metadata": {"resourceVersion": "100", "continue": more}
@@ -368,20 +380,65 @@ class RecordingSink:
         self.events.append((event_type, obj["metadata"]["name"]))
 
 
-def test_node_watcher_does_not_take_a_cut_stream_for_the_whole_list() -> None:
+def test_node_watcher_lists_the_watch_cache_after_a_cut_stream() -> None:
+    """A stream cut before its end is never taken for the whole list; the
+    next list is the watch cache's, which the server does not cut, and the
+    watch follows on from its version. A later failure streams again."""
+    sink = RecordingSink()
+    watcher: ListWatcher
+    core = FakeCore(
+        pages=[], on_exhausted=lambda: watcher.stop(),
+        streams=[[{"type": "ADDED", "object": kwok_node("a")}],  # ends before its bookmark
+                 [{"type": "ADDED", "object": kwok_node("c")}, initial_events_end("300")]],
+        cached=[([kwok_node("b"), kwok_node("é")], "120")],
+        watches=[[{"type": "MODIFIED", "object": kwok_node_at("b", "130")}],
+                 [{"type": "ERROR", "object": {"code": 410, "message": "too old"}}]],
+    )
+    watcher = ListWatcher(core.list_node, sink, watch_timeout_s=5)
+    watcher._failed = lambda err: True  # type: ignore[method-assign]  # no 2 s pause
+    watcher.run()
+    assert watcher.synced.is_set()
+    assert sink.lists == [["b", "é"], ["c"]]
+    assert sink.events == [("MODIFIED", "b")]
+    assert [(bool(c.get("send_initial_events")), bool(c.get("watch")), c.get("resource_version"))
+            for c in core.calls] == [(True, True, None), (False, False, "0"), (False, True, "120"),
+                                     (False, True, "130"), (True, True, None), (False, True, "300")]
+
+
+def test_node_watcher_lists_the_watch_cache_when_a_fresh_list_times_out() -> None:
+    """An API server whose cache lags etcd answers a streaming list with an
+    error event after waiting for it (504, "Too large resource version")."""
     sink = RecordingSink()
     watcher: ListWatcher
     core = FakeCore(
         pages=[], watches=[], on_exhausted=lambda: watcher.stop(),
-        streams=[[{"type": "ADDED", "object": kwok_node("a")}],  # ends before its bookmark
-                 [{"type": "ADDED", "object": kwok_node("b")}, initial_events_end("120"),
-                  {"type": "MODIFIED", "object": kwok_node("b")}]],
+        streams=[[{"type": "ERROR", "object": {"code": 504, "message":
+                                                 "Timeout: Too large resource version: 105531, current: 105004"}}]],
+        cached=[([kwok_node("b")], "105004")],
     )
     watcher = ListWatcher(core.list_node, sink, watch_timeout_s=5)
     watcher.run()
-    assert watcher.synced.is_set()
     assert sink.lists == [["b"]]
-    assert sink.events == [("MODIFIED", "b")]
+    assert core.calls[1]["resource_version"] == "0" and core.calls[2]["resource_version"] == "105004"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64, 1 << 20])
+def test_list_items_decodes_a_reply_split_anywhere(chunk: int) -> None:
+    items = [{"metadata": {"name": f"n{i}", "resourceVersion": str(i)}, "note": "x" * i + "ü,]"} for i in range(5)]
+    body = json.dumps({"kind": "NodeList", "metadata": {"resourceVersion": "77"}, "items": items},
+                      separators=(",", ":")).encode()
+    versions: list[str] = []
+    chunks = (body[i:i + chunk] for i in range(0, len(body), chunk))
+    assert list(list_items(chunks, versions)) == items
+    assert versions == ["77"]
+
+
+def test_list_items_of_an_empty_list_and_of_a_cut_reply() -> None:
+    versions: list[str] = []
+    assert list(list_items(iter([b'{"metadata":{"resourceVersion":"5"},"items":[]}']), versions)) == []
+    assert versions == ["5"]
+    with pytest.raises(ValueError, match="ended before its items did"):
+        list(list_items(iter([b'{"metadata":{"resourceVersion":"5"},"items":[{"a":1},{"b"']), []))
 
 
 def test_node_watcher_pages_lists_where_streaming_is_refused_and_relists_when_expired() -> None:
