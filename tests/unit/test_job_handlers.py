@@ -48,8 +48,8 @@ def written(monkeypatch: pytest.MonkeyPatch) -> list[Mapping[str, Any]]:
     return statuses
 
 
-def submitted(state: OperatorState, status: Mapping[str, Any], reason: str = "create") -> Any:
-    return handlers.job_submitted(name="job", namespace="ns", uid="u1", spec=SPEC, status=status, meta=META,
+def submitted(state: OperatorState, status: Mapping[str, Any], reason: str = "create", uid: str = "u1") -> Any:
+    return handlers.job_submitted(name="job", namespace="ns", uid=uid, spec=SPEC, status=status, meta=META,
                                   reason=reason, memo=types.SimpleNamespace(state=state))
 
 
@@ -95,6 +95,26 @@ def test_a_body_older_than_the_first_judgement_waits_for_the_cycle(written: list
     written.clear()
     assert not run_while_cycle_holds_the_lock(state, {})
     assert all(status.get("phase") != "Queued" for status in written), "the admitted gang was queued again"
+
+
+def test_a_job_made_again_under_the_same_name_is_judged_afresh(written: list[Mapping[str, Any]]) -> None:
+    """A decision about the deleted job of that name (kept until the index
+    shows it gone) is not the new job's."""
+    state = OperatorState()
+    asyncio.run(submitted(state, {}))
+    running = dataclasses.replace(state.assumed_jobs["ns/job"].view, phase=Phase.RUNNING, nodes=("n0", "n1"))
+    state.assumed_jobs["ns/job"] = Assumed(running, 0.0)
+    written.clear()
+
+    async def main() -> None:
+        lock = state.job_lock("c")
+        await lock.acquire()  # a cycle of the cluster at work: the new job does not wait for it
+        await asyncio.wait_for(submitted(state, {}, uid="u2"), 1)
+        lock.release()
+
+    asyncio.run(main())
+    assert written[0]["phase"] == "Queued" and written[0]["attempt"] == 0
+    assert state.assumed_jobs["ns/job"].view.uid == "u2"
 
 
 def test_a_resumed_job_with_a_phase_is_left_alone(written: list[Mapping[str, Any]]) -> None:

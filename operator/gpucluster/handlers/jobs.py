@@ -180,11 +180,11 @@ async def job_submitted(*, name: str, namespace: str | None, uid: str, spec: Any
         now = time.time()
         view = job_view(namespace, name, uid, meta, spec, status)
         decided = state.assumed_jobs.get(view.key)
-        if decided is not None and decided.view.attempt >= view.attempt:
+        if decided is not None and decided.view.uid == uid and decided.view.attempt >= view.attempt:
             view = decided.view  # a decision the event's body predates
         await _apply(state, view, step(view, judged, now), now)
 
-    if _never_judged(state, namespace, name, status):
+    if _never_judged(state, namespace, name, uid, status):
         # No cycle can act on it: the job index (the cycle's only source of
         # jobs) takes a job once it has a pool, which this judgement gives it.
         # Waiting for the cluster's lock here made every submission wait for
@@ -195,8 +195,11 @@ async def job_submitted(*, name: str, namespace: str | None, uid: str, spec: Any
         await judge()
 
 
-def _never_judged(state: OperatorState, namespace: str, name: str, status: Any) -> bool:
-    return not (status or {}).get("phase") and f"{namespace}/{name}" not in state.assumed_jobs
+def _never_judged(state: OperatorState, namespace: str, name: str, uid: str, status: Any) -> bool:
+    """No phase in the body and no decision of this process about this job
+    (one about a deleted job of the same name does not count)."""
+    decided = state.assumed_jobs.get(f"{namespace}/{name}")
+    return not (status or {}).get("phase") and (decided is None or decided.view.uid != uid)
 
 
 # --- the per-cluster cycle -----------------------------------------------------------------------
