@@ -192,12 +192,21 @@ def test_a_fatal_xid_replaces_the_node_through_its_nodeclaim(
 
 def test_operator_restart_mid_scale_up_neither_doubles_the_nodepool_nor_loses_a_node(
         kubectl: Kubectl, running_operator: OperatorProcess, karpenter: devkarpenter.KarpenterState) -> None:
-    name = unique("krst")
     total = 20
-    kubectl.apply(training_cluster(name, karpenter_pool(total)))
-    wait_for(lambda: len(by_ordinal(kubectl, name)) >= 2, timeout=120, interval=0.1, what="the first nodes numbered")
-    running_operator.kill()
-    assert len(by_ordinal(kubectl, name)) < total, "the kill came too late to test anything"
+    for _ in range(3):
+        name = unique("krst")
+        kubectl.apply(training_cluster(name, karpenter_pool(total)))
+        wait_for(lambda name=name: len(by_ordinal(kubectl, name)) >= 1, timeout=120, interval=0.1,
+                 what="the first node numbered")
+        running_operator.kill()
+        if len(by_ordinal(kubectl, name)) < total:
+            break
+        # The whole scale-up landed between the look and the kill (it has,
+        # once in CI): nothing to test with this cluster; another one.
+        running_operator.start()
+        kubectl.delete_cluster(name, timeout=180)
+    else:
+        pytest.fail("the kill came after the whole scale-up three times: nothing tested")
     running_operator.start()
     wait_ready(kubectl, name, total, timeout=240)
     wait_for(lambda: numbered(kubectl, name, total), timeout=60, what=f"{total} nodes numbered 0..{total - 1}")
