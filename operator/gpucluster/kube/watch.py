@@ -165,7 +165,12 @@ class ListWatcher:
                     versions.append(str(page["metadata"]["resourceVersion"]))
                     return
 
-        self._sink.replace_all(pages())
+        return self._hand_over(pages(), versions)
+
+    def _hand_over(self, objects: Iterator[Mapping[str, Any]], versions: list[str]) -> str:
+        """Gives the sink a whole list; returns its version, which `objects`
+        appends to `versions` once it has given its last object."""
+        self._sink.replace_all(objects)
         if not versions:
             raise RuntimeError(f"the sink of {self._list_call.__name__} stopped reading the list before its end")
         self.synced.set()
@@ -189,16 +194,13 @@ class ListWatcher:
                 raise StreamCut(f"the watch of {self._list_call.__name__} ended before its initial events did")
 
             try:
-                self._sink.replace_all(initial())
+                version = self._hand_over(initial(), end)
             except WatchExpired:
                 # Expired, or the server timed out waiting for its cache to
                 # be as fresh as the list asked for.
                 self._cached_next = True
                 return None
-            if not end:
-                raise RuntimeError(f"the sink of {self._list_call.__name__} stopped reading the list before its end")
-            self.synced.set()
-            return self._follow(events, end[0])
+            return self._follow(events, version)
         finally:
             self._close()
 
@@ -209,13 +211,9 @@ class ListWatcher:
                                    _preload_content=False)
         try:
             versions: list[str] = []
-            self._sink.replace_all(list_items(response.stream(CACHED_LIST_CHUNK), versions))
+            return self._hand_over(list_items(response.stream(CACHED_LIST_CHUNK), versions), versions)
         finally:
             response.release_conn()
-        if not versions:
-            raise RuntimeError(f"the sink of {self._list_call.__name__} stopped reading the list before its end")
-        self.synced.set()
-        return versions[0]
 
     def _watch(self, resource_version: str) -> str | None:
         """Follows the watch from a version; returns the version to follow on
