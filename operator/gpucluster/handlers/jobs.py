@@ -179,8 +179,8 @@ async def job_submitted(*, name: str, namespace: str | None, uid: str, spec: Any
     async def judge() -> None:
         now = time.time()
         view = job_view(namespace, name, uid, meta, spec, status)
-        decided = state.assumed_jobs.get(view.key)
-        if decided is not None and decided.view.uid == uid and decided.view.attempt >= view.attempt:
+        decided = _decision_about(state, view.key, uid)
+        if decided is not None and decided.view.attempt >= view.attempt:
             view = decided.view  # a decision the event's body predates
         await _apply(state, view, step(view, judged, now), now)
 
@@ -196,10 +196,15 @@ async def job_submitted(*, name: str, namespace: str | None, uid: str, spec: Any
 
 
 def _never_judged(state: OperatorState, namespace: str, name: str, uid: str, status: Any) -> bool:
-    """No phase in the body and no decision of this process about this job
-    (one about a deleted job of the same name does not count)."""
-    decided = state.assumed_jobs.get(f"{namespace}/{name}")
-    return not (status or {}).get("phase") and (decided is None or decided.view.uid != uid)
+    """No phase in the body and no decision of this process about this job."""
+    return not (status or {}).get("phase") and _decision_about(state, f"{namespace}/{name}", uid) is None
+
+
+def _decision_about(state: OperatorState, key: str, uid: str) -> Assumed | None:
+    """This process's last decision about the job, not yet in its index; one
+    about a deleted job of the same name is not this job's."""
+    decided = state.assumed_jobs.get(key)
+    return decided if decided is not None and decided.view.uid == uid else None
 
 
 # --- the per-cluster cycle -----------------------------------------------------------------------
