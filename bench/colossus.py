@@ -26,6 +26,7 @@ apply to jobs running, measured end to end in one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Any, SupportsIndex
 
 import kubernetes
-import urllib3
 from common import (
     BenchCluster,
     add_simulator_arguments,
@@ -50,10 +50,10 @@ from common import (
     simulator_args,
     simulator_settings,
     simulator_summary,
+    watch_raw,
 )
 from gpucluster import devcluster, names
 from gpucluster.kube.client import read_reply
-from gpucluster.kube.watch import WatchExpired
 from gpucluster.sim.trace import generate
 from health import NodeHealthWatch, inject, percentile, wait
 from provision import raw_create
@@ -112,44 +112,15 @@ class JobWatch:
         self.phase: dict[str, str] = {}
         self.gpus: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
-        threading.Thread(target=self._run, args=(bench,), daemon=True).start()
-
-    def _run(self, bench: BenchCluster) -> None:
-        """Follows the jobs until the control plane goes away. A watch the
-        server closed, cut or expired (410) is taken up again: a watch
-        that died with its first error saw nothing more, and phase 2 took
-        that silence for admissions settled (33 of 1,000 at 25,000 nodes)."""
+        # Followed until the control plane goes away, taken up again when the
+        # server closes, cuts or expires the watch: a watch that died with its
+        # first error saw nothing more, and phase 2 took that silence for
+        # admissions settled (33 of 1,000 at 25,000 nodes).
         custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
-        version = "0"
-        while True:
-            try:
-                stream = custom.list_cluster_custom_object(names.GROUP, names.VERSION, "trainingjobs", watch=True,
-                                                           resource_version=version, timeout_seconds=600,
-                                                           _preload_content=False)
-            except urllib3.exceptions.MaxRetryError:  # the control plane stopped at the end of the run
-                return
-            except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError):
-                time.sleep(1)
-                continue
-            buffer = b""
-            try:
-                for chunk in stream.stream(1 << 16):
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        event = json.loads(line)
-                        if event["type"] == "ERROR":
-                            raise WatchExpired(event["object"].get("message"))
-                        job = event["object"]
-                        version = job["metadata"].get("resourceVersion", version)
-                        if event["type"] != "BOOKMARK":
-                            self._see(job)
-            except WatchExpired:
-                version = "0"  # every job again, from the server's cache
-            except (urllib3.exceptions.HTTPError, ValueError):
-                time.sleep(1)  # a cut stream or line: on from the last version
+        watch_raw(functools.partial(custom.list_cluster_custom_object, names.GROUP, names.VERSION, "trainingjobs"),
+                  "", self._see)
 
-    def _see(self, job: dict[str, Any]) -> None:
+    def _see(self, kind: str, job: dict[str, Any]) -> bool:
         name = job["metadata"]["name"]
         status = job.get("status") or {}
         phase = status.get("phase", "")
@@ -158,6 +129,7 @@ class JobWatch:
         self.restarts[name] = int(status.get("restarts", 0))
         if phase in ("Admitted", "Running") and name not in self.admitted_at:
             self.admitted_at[name] = time.time()
+        return False
 
     def allocated(self) -> int:
         return sum(self.gpus[n] for n, p in list(self.phase.items()) if p in ("Admitted", "Running"))
@@ -211,9 +183,13 @@ class Profiler:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
 
-    def window(self, phase: str, pid: int) -> None:
+    def window(self, phase: str, pid: int, young: bool = False) -> None:
+        """`young`: the process has just started, and py-spy finds no
+        interpreter in a process that young."""
         if self.directory is None:
             return
+        if young:
+            time.sleep(1)
         path = self.directory / f"phase-{phase}.raw"
         with open(self.log_dir / f"py-spy-{phase}.log", "wb") as log:
             self.windows.append((phase, path, subprocess.Popen(
@@ -484,8 +460,7 @@ def main() -> int:
             restarted = time.monotonic()
             operator = bench.gpucluster("run", "--metrics-port", str(metrics_port), "--liveness-port", "0",
                                         log=log_dir / "operator-2.log")
-            time.sleep(1)  # py-spy finds no interpreter in a process this young
-            profiler.window("4", operator.pid)
+            profiler.window("4", operator.pid, young=True)
 
             def first_cycle() -> bool:
                 try:

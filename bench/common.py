@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,9 @@ def watch_raw(list_call: Callable[..., Any], selector: str,
                                    allow_watch_bookmarks=True, timeout_seconds=600, _preload_content=False)
             except urllib3.exceptions.HTTPError:
                 return
+            except kubernetes.client.ApiException:
+                time.sleep(1)  # a server too busy to answer (429, 5xx) now may later
+                continue
             for event in _events(stream):
                 if event["type"] == "ERROR":
                     # 410 Gone: the version fell out of the watch cache; start
