@@ -59,7 +59,10 @@ def test_a_taint_added_between_read_and_write_is_kept(
 
     asyncio.run(nodes._patch_read_node(bare_node, quarantine_racing_a_writer))
 
-    assert reads == 2  # the first write met a conflict and was made again on a fresh read
+    # The first write met a conflict and was made again on a fresh read. The
+    # node controller also writes a kubelet-less node (its not-ready taints),
+    # so the second write may meet a conflict of its own.
+    assert reads >= 2
     assert taint_keys(kubectl.get("node", bare_node)) == {"site/maintenance", "site/late", "nvidia.com/gpu-error"}
 
 
