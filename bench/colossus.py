@@ -66,6 +66,7 @@ SUBMITTERS = 8
 PROFILE_RATE_HZ = 20
 PROFILE_WINDOW_S = 60
 ADMISSIONS_SETTLED_S = 60
+PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -193,7 +194,7 @@ class Profiler:
         path = self.directory / f"phase-{phase}.raw"
         with open(self.log_dir / f"py-spy-{phase}.log", "wb") as log:
             self.windows.append((phase, path, subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw",
+                [str(PY_SPY), "record", "--pid", str(pid), "--format", "raw",
                  "--rate", str(PROFILE_RATE_HZ), "--nonblocking", "--duration", str(PROFILE_WINDOW_S),
                  "--output", str(path)], stdout=subprocess.DEVNULL, stderr=log)))
 
@@ -281,6 +282,8 @@ def main() -> int:
                              "threads 20 times a second took a third of a core")
     add_simulator_arguments(parser)
     args = parser.parse_args()
+    if args.profile is not None and not PY_SPY.exists():
+        parser.error(f"--profile needs py-spy, not found at {PY_SPY}: pip install -e '.[sim]'")
     lease_seconds, kwok_shards = simulator_settings(args, args.nodes)
     log_dir = Path(tempfile.mkdtemp(prefix="gpucluster-colossus-"))
     rows = Rows()
