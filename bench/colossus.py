@@ -160,6 +160,16 @@ def histogram_quantile(buckets: dict[str, float], q: float) -> float:
     return lower
 
 
+def quantile_ms(buckets: dict[str, float], q: float) -> str:
+    """A quantile in ms, or '> the largest finite bound' where it falls in
+    the +Inf bucket (no estimate is possible there)."""
+    value = histogram_quantile(buckets, q)
+    if value != float("inf"):
+        return f"{value * 1000:.0f}"
+    bounds = [float(m.group(1)) for key in buckets if (m := re.search(r'le="([^"+]+)"', key))]
+    return f"> {max(bounds, default=0) * 1000:.0f}"
+
+
 # Where the operator's time goes, by the package a sample's stack passes
 # through (a sample counts under each it passes through).
 PROFILE_PACKAGES = {
@@ -430,8 +440,8 @@ def main() -> int:
                          f"one queued job admitted, placed, reserved or left waiting; aim p99 <= 20 ms "
                          f"({decided:.0f} decisions)"))
             rows.append(("2. whole admission cycle p50 / p99 ms",
-                         f"{histogram_quantile(decisions, 0.5) * 1000:.0f} / "
-                         f"{histogram_quantile(decisions, 0.99) * 1000:.0f}", "every queued job judged and decided"))
+                         f"{quantile_ms(decisions, 0.5)} / {quantile_ms(decisions, 0.99)}",
+                         "every queued job judged and decided"))
             usage("2", operator.pid, cpu0)
 
             healthy_waiter.join()

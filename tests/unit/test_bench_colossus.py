@@ -55,3 +55,19 @@ def test_an_empty_profile_says_so(tmp_path: Path) -> None:
     raw = tmp_path / "profile.raw"
     raw.write_text("")
     assert colossus.profile_summary(raw, "phase 1") == [f"py-spy: no samples in {raw}"]
+
+
+def cycle_histogram(counts: dict[str, float]) -> dict[str, float]:
+    return {f'gpucluster_admission_decision_seconds_bucket{{cluster="c",le="{le}"}}': n
+            for le, n in counts.items()}
+
+
+def test_a_quantile_inside_the_buckets_is_interpolated() -> None:
+    buckets = cycle_histogram({"0.5": 50, "1.0": 100, "+Inf": 100})
+    assert colossus.quantile_ms(buckets, 0.5) == "500"
+    assert colossus.quantile_ms(buckets, 0.75) == "750"
+
+
+def test_a_quantile_above_the_last_bound_is_shown_as_a_bound_not_inf() -> None:
+    buckets = cycle_histogram({"0.5": 50, "1.0": 90, "+Inf": 100})
+    assert colossus.quantile_ms(buckets, 0.99) == "> 1000"
