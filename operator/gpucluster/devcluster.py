@@ -438,6 +438,10 @@ def _start_all(state: ClusterState, pki: Path, kwok_selectors: list[str]) -> Non
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         "--kube-api-qps=200", "--kube-api-burst=400",
         f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD_S}s",
+        # The 1-minute default for a new node's first status: at 25,000 nodes
+        # KWOK's first post lagged the create by more, and the node controller
+        # marked fresh nodes Unknown and tainted them unreachable.
+        f"--node-startup-grace-period={NODE_MONITOR_GRACE_PERIOD_S}s",
         f"--node-monitor-period={NODE_MONITOR_PERIOD_S}s", "--v=1",
     ])
     _start(state, "kube-scheduler", [

@@ -88,6 +88,11 @@ def test_gang_is_admitted_whole_with_torchrun_environment(kubectl: Kubectl, gpu_
         ("16", "1", "8", "29500")
     assert pods[1]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pods[0]["spec"]["hostname"] == f"{name}-0" and pods[0]["spec"]["subdomain"] == name
+    # The job's node-failure grace, not the node controller's taint eviction
+    # (the API server's default: 300 s), ends a gang on a node that is down.
+    down = {t["key"]: t for t in pods[0]["spec"]["tolerations"] if t.get("effect") == "NoExecute"}
+    assert set(down) == {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+    assert not any("tolerationSeconds" in t for t in down.values())
     service = kubectl.get("service", "-n", "default", name)
     assert service["spec"]["clusterIP"] == "None"
     assert pods[0]["metadata"]["ownerReferences"][0]["name"] == name

@@ -16,6 +16,9 @@ from gpucluster.planning.torchrun import torchrun_env
 
 from .client import call, call_raw, core, custom, status_of
 
+# The node controller's taints for a node that is NotReady or unreachable.
+NODE_DOWN_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
 
 def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
     return {"apiVersion": names.API_VERSION, "kind": api.KIND, "name": job["metadata"]["name"],
@@ -63,8 +66,16 @@ def pod_manifest(job: Mapping[str, Any], rank: int, node: str, attempt: int) -> 
         "subdomain": name,
         "restartPolicy": "Never",
     })
-    pod_spec.setdefault("tolerations", []).append(
-        {"key": names.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    pod_spec.setdefault("tolerations", []).extend([
+        {"key": names.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+        # A node that is NotReady or unreachable ends the gang by the job's own
+        # rule (spec.nodeFailureGraceSeconds, planning/lifecycle.py), not by
+        # the node controller's taint eviction 300 s after the taint, one
+        # pod at a time: at 25,000 nodes that evicted workers of healthy gangs
+        # from Ready nodes whose stale taints the busy node controller had
+        # failed to take off, and it ignored a grace set longer than 300 s.
+        *({"key": taint, "operator": "Exists", "effect": "NoExecute"} for taint in NODE_DOWN_TAINTS),
+    ])
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": f"{name}-{attempt}-{rank}", "namespace": namespace, "labels": labels,
