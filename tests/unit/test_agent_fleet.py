@@ -14,6 +14,7 @@ from gpucluster.agent.exporter import DcgmCollector
 from gpucluster.agent.fleet import Fleet, FleetRunner, fleet_watcher, gpu_count
 from gpucluster.agent.injection import ANNOTATION_INJECT_FAULT
 from gpucluster.agent.nodestatus import MemoryNodeClient, gpu_condition_of
+from gpucluster.kube import watch as watch_module
 from gpucluster.kube.watch import ListWatcher, list_items
 from gpucluster.names import (
     ANNOTATION_HEALTHY_GPUS,
@@ -288,6 +289,7 @@ class FakeCore:
     class Response:
         def __init__(self, body: bytes = b"", lines: list[dict[str, Any]] | None = None):
             self.data = body
+            self.drained = False
             self._lines = [json.dumps(line).encode() + b"\n" for line in lines or []]
 
         def __iter__(self):
@@ -295,7 +297,9 @@ class FakeCore:
 
         def stream(self, amount: int):
             # Small chunks, so objects arrive split across them.
-            return (self.data[i:i + 7] for i in range(0, len(self.data), 7))
+            for i in range(0, len(self.data), 7):
+                yield self.data[i:i + 7]
+            self.drained = True
 
         def release_conn(self) -> None:
             pass
@@ -420,6 +424,37 @@ def test_node_watcher_lists_the_watch_cache_when_a_fresh_list_times_out() -> Non
     watcher.run()
     assert sink.lists == [["b"]]
     assert core.calls[1]["resource_version"] == "0" and core.calls[2]["resource_version"] == "105004"
+
+
+def test_a_watch_cache_list_is_read_whole_before_the_sink_sees_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server cuts a list it has not sent within its request timeout: a
+    slow sink must not hold the reply back. Past the in-memory limit the
+    reply waits in a file."""
+    monkeypatch.setattr(watch_module, "SPOOL_IN_MEMORY", 64)
+    replies: list[Any] = []
+    drained_at_first_object: list[bool] = []
+    names_ = [f"n{i}" for i in range(20)]
+
+    class Sink(RecordingSink):
+        def replace_all(self, objects: Any) -> None:
+            for obj in objects:
+                drained_at_first_object.append(replies[0].drained)
+                self.lists.append([obj["metadata"]["name"]])
+
+    sink = Sink()
+    core = FakeCore(pages=[], watches=[], on_exhausted=lambda: watcher.stop(),
+                    cached=[([kwok_node(n) for n in names_], "500")])
+    list_node = core.list_node
+
+    def recording(**kwargs: Any) -> Any:
+        reply = list_node(**kwargs)
+        replies.append(reply)
+        return reply
+
+    watcher = ListWatcher(recording, sink, watch_timeout_s=5)
+    assert watcher._cached_list() == "500"
+    assert drained_at_first_object and all(drained_at_first_object)
+    assert [names[0] for names in sink.lists] == names_
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64, 1 << 20])

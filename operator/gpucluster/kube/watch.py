@@ -12,6 +12,7 @@ import codecs
 import json
 import logging
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -44,8 +45,10 @@ class StreamCut(Exception):
     """A streaming list ended before its initial events did."""
 
 
-# A reply of 25,000 Nodes is about 124 MB of JSON; it is read this much at a time.
+# A reply of 25,000 Nodes is about 124 MB of JSON; it is read this much at a
+# time, and spooled to a file past SPOOL_IN_MEMORY.
 CACHED_LIST_CHUNK = 1 << 20
+SPOOL_IN_MEMORY = 16 << 20
 _BETWEEN_ITEMS = re.compile(r"[\s,]*")
 
 
@@ -206,14 +209,26 @@ class ListWatcher:
 
     def _cached_list(self) -> str:
         """Hands the sink every object in the API server's watch cache, an
-        object at a time as the one reply arrives; returns its version."""
+        object at a time; returns its version.
+
+        The reply is read whole, into a file past SPOOL_IN_MEMORY, before the
+        sink sees its first object: the server ends a list it has not sent
+        within its request timeout (60 s), and a sink that reads as it goes
+        is as slow as its slowest object. At 25,000 nodes the fleet agent's
+        sink, sharing a lock with its health writes, took longer than that,
+        and every list of the cache was cut ("Response ended prematurely")."""
         response = self._list_call(label_selector=self._selector, resource_version="0",
                                    _preload_content=False)
-        try:
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            try:
+                for chunk in response.stream(CACHED_LIST_CHUNK):
+                    spool.write(chunk)
+            finally:
+                response.release_conn()
+            spool.seek(0)
             versions: list[str] = []
-            return self._hand_over(list_items(response.stream(CACHED_LIST_CHUNK), versions), versions)
-        finally:
-            response.release_conn()
+            chunks = iter(lambda: spool.read(CACHED_LIST_CHUNK), b"")
+            return self._hand_over(list_items(chunks, versions), versions)
 
     def _watch(self, resource_version: str) -> str | None:
         """Follows the watch from a version; returns the version to follow on
