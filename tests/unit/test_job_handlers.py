@@ -17,8 +17,9 @@ from typing import Any
 import kopf
 import pytest
 from gpucluster.handlers import jobs as handlers
+from gpucluster.handlers.indexes import PodIndex, index_pod
 from gpucluster.handlers.state import OperatorState
-from gpucluster.planning.jobs import Phase
+from gpucluster.planning.jobs import JobView, Phase
 from gpucluster.planning.lifecycle import Assumed
 
 SPEC = {"cluster": "c", "workers": 2, "gpusPerWorker": 8}
@@ -121,3 +122,21 @@ def test_a_resumed_job_with_a_phase_is_left_alone(written: list[Mapping[str, Any
     state = OperatorState()
     asyncio.run(submitted(state, {"phase": "Running", "pool": "h100"}, reason="resume"))
     assert written == []
+
+
+def worker_pod(job: str, attempt: int, rank: int) -> dict[str, Any]:
+    return {"metadata": {"name": f"{job}-{attempt}-{rank}", "namespace": "ns",
+                         "labels": {"gpucluster.dev/job": job, "gpucluster.dev/attempt": str(attempt),
+                                    "gpucluster.dev/rank": str(rank)}},
+            "spec": {"nodeName": f"n{rank}"}, "status": {"phase": "Running"}}
+
+
+def test_a_gang_is_deleted_by_name_every_attempt_known_and_the_current_one_by_rank() -> None:
+    """The index may not hold pods created a moment ago: the current
+    attempt's are named from its ranks too."""
+    pods = PodIndex()
+    pods._replace([(f"ns/{p['metadata']['name']}", index_pod(p))
+                   for p in (worker_pod("job", 0, 0), worker_pod("job", 1, 1), worker_pod("other", 1, 0))])
+    view = JobView(key="ns/job", namespace="ns", name="job", cluster="c", pool="h100", priority=0,
+                   arrival=0.0, workers=2, gpus_per_worker=8, phase=Phase.RUNNING, attempt=1)
+    assert handlers._gang_pods(pods, view) == {"job-0-0", "job-1-0", "job-1-1"}

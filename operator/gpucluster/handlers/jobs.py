@@ -97,6 +97,14 @@ def jobs_by_cluster(*, namespace: str | None, name: str, uid: str, meta: Any, sp
     return {view.cluster: view} if view.pool else None
 
 
+def _gang_pods(pods: PodIndex, view: JobView) -> set[str]:
+    """The job's worker pods, every attempt the pod index holds, and the
+    current attempt's by name too: pods created a moment ago may not be in
+    the index yet."""
+    return {p.name for p in pods.workers(view.key)} | {
+        kube_jobs.pod_name(view.name, view.attempt, rank) for rank in range(view.workers)}
+
+
 def _reference(view: JobView) -> Any:
     return {"apiVersion": names.API_VERSION, "kind": api.KIND,
             "metadata": {"name": view.name, "namespace": view.namespace, "uid": view.uid}}
@@ -105,7 +113,7 @@ def _reference(view: JobView) -> Any:
 async def _apply(state: OperatorState, view: JobView, transition: Transition, now: float) -> None:
     """Carries out one transition of planning.lifecycle.step."""
     if transition.delete_pods:
-        await kube_jobs.delete_gang(view.namespace, view.name)
+        await kube_jobs.delete_pods(view.namespace, _gang_pods(state.pods, view))
     status = dict(transition.status)
     if transition.create_pods or transition.condition is not None:
         job = await kube_jobs.read_job(view.namespace, view.name)
@@ -291,9 +299,9 @@ async def admission_loop(*, name: str, spec: Any, memo: Any, jobs_by_cluster: ko
                 per_job.observe(seconds)
             state.last_plans[name] = (cycle.inputs, now)
         for orphan in cycle.orphans:
-            namespace, job_name = orphan.split("/", 1)
+            namespace = orphan.split("/", 1)[0]
             if state.serves(namespace):
-                await kube_jobs.delete_gang(namespace, job_name)
+                await kube_jobs.delete_pods(namespace, (p.name for p in state.pods.workers(orphan)))
         await _apply_all(state, cycle.transitions, now)
 
 
