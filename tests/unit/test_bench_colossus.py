@@ -4,10 +4,13 @@ and the summary of a py-spy profile."""
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
+import kubernetes
 import pytest
+import urllib3
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -71,3 +74,23 @@ def test_a_quantile_inside_the_buckets_is_interpolated() -> None:
 def test_a_quantile_above_the_last_bound_is_shown_as_a_bound_not_inf() -> None:
     buckets = cycle_histogram({"0.5": 50, "1.0": 90, "+Inf": 100})
     assert colossus.quantile_ms(buckets, 0.99) == "> 1000"
+
+
+def test_a_watch_ends_once_nothing_listens_on_the_servers_port() -> None:
+    """The end of a run: the control plane stopped, so the watch thread ends."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration))
+    thread = common.watch_raw(core.list_node, "", lambda kind, obj: False)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def test_a_dropped_connection_is_not_taken_for_a_server_gone() -> None:
+    """A busy server that drops a connection may answer the next one."""
+    dropped = urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError())
+    assert not common._server_gone(dropped)
+    assert not common._server_gone(urllib3.exceptions.MaxRetryError(None, "/api/v1/nodes", dropped))  # type: ignore[arg-type]
