@@ -37,6 +37,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, SupportsIndex
@@ -66,6 +67,7 @@ SUBMITTERS = 8
 PROFILE_RATE_HZ = 20
 PROFILE_WINDOW_S = 60
 ADMISSIONS_SETTLED_S = 60
+CYCLES_WITHOUT_ADMISSION = 2
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
@@ -137,6 +139,29 @@ class JobWatch:
 
     def queued(self) -> int:
         return sum(1 for p in list(self.phase.values()) if p in ("Queued", "Restarting", ""))
+
+
+class QuietAdmissions:
+    """Admissions have settled when none came for ADMISSIONS_SETTLED_S and
+    the planner has since decided whole cycles (CYCLES_WITHOUT_ADMISSION) and
+    admitted nothing. Silence alone is not enough: at 25,000 nodes one cycle
+    that places a 256-worker gang writes for minutes, and phase 2 ended with
+    644 of 1,000 jobs admitted while the rest were on their way."""
+
+    def __init__(self, cycles: Callable[[], float]) -> None:
+        self._cycles = cycles  # how many cycles the planner has decided so far
+        self._last_admission: float | None = None
+        self._cycles_then = 0.0
+
+    def settled(self, admitted_at: list[float], now: float) -> bool:
+        if not admitted_at:
+            return False
+        last = max(admitted_at)
+        if last != self._last_admission:
+            self._last_admission, self._cycles_then = last, self._cycles()
+            return False
+        return (now - last > ADMISSIONS_SETTLED_S
+                and self._cycles() - self._cycles_then >= CYCLES_WITHOUT_ADMISSION)
 
 
 def metric(port: int, name: str) -> dict[str, float]:
@@ -414,6 +439,9 @@ def main() -> int:
                 list(submitters.map(submit, trace))
             first = min(submitted.values())
 
+            quiet = QuietAdmissions(lambda: sum(metric(metrics_port, "gpucluster_admission_decision_seconds_count")
+                                                .values()))
+
             def admissions_settled() -> bool:
                 """Every job admitted, or none for a while: jobs here never
                 end (no run-time limits), so on a small cluster the queue's
@@ -421,8 +449,7 @@ def main() -> int:
                 stays reserved."""
                 if len(jobs.admitted_at) >= len(submitted):
                     return True
-                admitted = list(jobs.admitted_at.values())  # the watch thread adds to it
-                return bool(admitted) and time.time() - max(admitted) > ADMISSIONS_SETTLED_S
+                return quiet.settled(list(jobs.admitted_at.values()), time.time())  # the watch thread adds to it
 
             wait(admissions_settled, args.timeout, "admissions to settle")
             latencies = [jobs.admitted_at[n] - t for n, t in submitted.items() if n in jobs.admitted_at]

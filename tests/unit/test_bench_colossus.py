@@ -94,3 +94,16 @@ def test_a_dropped_connection_is_not_taken_for_a_server_gone() -> None:
     dropped = urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError())
     assert not common._server_gone(dropped)
     assert not common._server_gone(urllib3.exceptions.MaxRetryError(None, "/api/v1/nodes", dropped))  # type: ignore[arg-type]
+
+
+def test_admissions_settle_after_quiet_and_two_cycles_that_admitted_nothing() -> None:
+    cycles = [10.0]
+    quiet = colossus.QuietAdmissions(lambda: cycles[0])
+    assert not quiet.settled([], 1000.0)
+    assert not quiet.settled([100.0], 101.0)
+    assert not quiet.settled([100.0], 500.0), "quiet for minutes, but no cycle has decided since"
+    cycles[0] = 11.0
+    assert not quiet.settled([100.0], 501.0)
+    cycles[0] = 12.0
+    assert quiet.settled([100.0], 502.0)
+    assert not quiet.settled([100.0, 503.0], 600.0), "a new admission starts the count again"
