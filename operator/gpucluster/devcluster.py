@@ -12,12 +12,15 @@ configuration; `bench/hold.py` measures what it costs):
 - KWOK renews each node's Lease every 10 s (a quarter of its 40 s
   duration, as the kubelet does).
 - The controller manager marks a node NotReady when neither its Lease nor
-  its status moved for 600 s (checked every 5 s), not Kubernetes' 50 s:
-  past the longest status interval, so that either keeps a node Ready. On 2
+  its status moved for 900 s (checked every 5 s), not Kubernetes' 50 s:
+  twice the longest status interval, so that either keeps a node Ready. (At
+  600 s, 150 s past the longest interval, KWOK's posts fell that far behind
+  under a 25,000-node run's jobs phase: nodes went NotReady for a while and
+  gangs restarted.) On 2
   shared cores the API server can't take thousands of renewals every 10 s,
   and KWOK serves new nodes' Leases before renewals: with 50 s, 2,000 nodes
   created at once flapped from about 450 Ready on (`bench/hold.py`, at a
-  load of 22). A KWOK that stops is still noticed, after 10 minutes; tests
+  load of 22). A KWOK that stops is still noticed, after 15 minutes; tests
   that need a node down say so (below).
 - The Node status is posted by a heartbeat Stage 150 s to 450 s (uniformly)
   after the node last changed: 300 s on average, the kubelet's report
@@ -80,7 +83,7 @@ SERVICE_CLUSTER_IP = "10.96.0.1"
 API_ADVERTISE_ADDRESS = "10.90.0.1"
 KWOK_CONFIG = REPO_ROOT / "hack" / "kwok.yaml"
 KWOK = "kwok"
-NODE_MONITOR_GRACE_PERIOD_S = 600
+NODE_MONITOR_GRACE_PERIOD_S = 900
 NODE_MONITOR_PERIOD_S = 5
 
 
@@ -438,9 +441,9 @@ def _start_all(state: ClusterState, pki: Path, kwok_selectors: list[str]) -> Non
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         "--kube-api-qps=200", "--kube-api-burst=400",
         f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD_S}s",
-        # The 1-minute default for a new node's first status: at 25,000 nodes
-        # KWOK's first post lagged the create by more, and the node controller
-        # marked fresh nodes Unknown and tainted them unreachable.
+        # Not the 1-minute default for a new node's first status: at 25,000
+        # nodes KWOK's first post lagged the create by more, and the node
+        # controller marked fresh nodes Unknown and tainted them unreachable.
         f"--node-startup-grace-period={NODE_MONITOR_GRACE_PERIOD_S}s",
         f"--node-monitor-period={NODE_MONITOR_PERIOD_S}s", "--v=1",
     ])
