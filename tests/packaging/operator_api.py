@@ -106,11 +106,13 @@ AGENT = {Permission("", "nodes", "get"), Permission("", "nodes/status", "patch")
 DEVICE_PLUGIN_WATCHING_FAULTS = {Permission("", "nodes", "get")}
 
 # Asked of the operator's ServiceAccount on a real cluster: it must not have them.
+# It deletes a gang's pods by name; a delete of a whole collection by label
+# could take pods it never made.
 MUST_NOT = [
     ("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods/exec", ""),
     ("get", "nodes/proxy", ""), ("*", "*", ""), ("delete", "trainingclusters", GROUP),
     ("create", "deployments", "apps"), ("update", "clusterroles", "rbac.authorization.k8s.io"),
-    ("delete", "pods", ""),
+    ("deletecollection", "pods", ""),
 ]
 
 
