@@ -43,6 +43,7 @@ class NodeHealthWatch:
         self.healthy: set[str] = set()
         self.ready: set[str] = set()
         self.out: set[str] = set()  # tainted nvidia.com/gpu-error now
+        self.deleted_at: dict[str, float] = {}
         self.most_out = 0
         watch_nodes(bench.core, selector, self._see)
 
@@ -55,6 +56,8 @@ class NodeHealthWatch:
             self.most_out = max(self.most_out, len(self.out))
         else:
             self.out.discard(name)
+        if kind == "DELETED":
+            self.deleted_at.setdefault(name, time.time())
         conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
         if conditions.get(names.CONDITION_GPU_HEALTHY) == "False" and name not in self.unhealthy_at:
             self.unhealthy_at[name] = time.time()
