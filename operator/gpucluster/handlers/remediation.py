@@ -9,6 +9,8 @@ events that arrive during a pass fold into the next one, so a storm of faults
 (or the heartbeats of faulty nodes not yet quarantined) costs one plan of the
 pool per pass, not one per event. Without events it passes over every pool
 every few seconds, so a restart or a budget that frees up is picked up too.
+A pass cordons and writes the status; the drains, replacements and releases
+it plans go on in a task of their own, which the next passes do not wait for.
 Being a Kopf daemon, it runs only in the active replica: peering stops it when
 the replica pauses.
 """
@@ -20,7 +22,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -41,7 +43,6 @@ from gpucluster.planning.remediation import (
     NodeHealth,
     RemediationBudget,
     RemediationPlan,
-    UnseenWrites,
     overlay_unseen_writes,
     plan_remediation,
 )
@@ -99,11 +100,13 @@ async def _each(names_: Sequence[str], write: Any) -> list[str]:
 
 async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[ObservedNode], counts: PoolCount,
                          memory: PoolRemediation) -> RemediationPlan:
-    """One remediation pass over one pool; returns the plan it applied.
-    `owned` holds at least the pool's nodes with a GPU fault or a
-    quarantine, or written by an earlier pass (see `needs_a_look`); `counts`
-    counts all of them, and those left out that are not Ready. `body` is
-    read just before the pass: this path is the only writer of
+    """One remediation pass over one pool; returns the plan. It quarantines
+    and writes the pool's status itself, and leaves the drains, replacements
+    and releases to a follow-through task that it starts unless the last one
+    is still writing. `owned` holds at least the pool's nodes with a GPU
+    fault or a quarantine, or written by an earlier pass (see `needs_a_look`);
+    `counts` counts all of them, and those left out that are not Ready.
+    `body` is read just before the pass: this path is the only writer of
     status.remediation, so it holds every quarantine already counted."""
     cluster = body["metadata"]["name"]
     started = time.monotonic()
@@ -118,52 +121,21 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
                             can_replace=pool.provider in REPLACEABLE,
                             present_nodes=counts.present - (len(owned) - len(healths)),
                             unlisted_not_ready=counts.unlisted_not_ready)
-    quarantine_writes = dict(memory.unseen.quarantine)
-    deletes = dict(memory.unseen.deleted)
     labels = (cluster, pool.name)
 
     async def quarantine(name: str) -> None:
         node = by_name[name]
         fatal = reason_is_fatal(node.gpu_fault)
         await kube_nodes.quarantine_node(name, node.gpu_fault, fatal, rfc3339(now))
-        quarantine_writes[name] = (True, time.time())
+        memory.remember_quarantine(name, True, time.time())
         metrics.remediations_total.labels(*labels, "cordon", node.gpu_fault).inc()
         kopf.warn(body, reason="NodeQuarantined",
                   message=f"pool {pool.name}: {name} cordoned and tainted {names.TAINT_GPU_ERROR} "
                           f"({'fatal' if fatal else 'transient'} {node.gpu_fault})")
 
-    async def drain(name: str) -> None:
-        remaining = await kube_nodes.evict_pods(name)
-        if name not in memory.draining:
-            memory.draining.add(name)
-            metrics.remediations_total.labels(*labels, "drain", by_name[name].gpu_fault).inc()
-            kopf.info(body, reason="NodeDraining",
-                      message=f"pool {pool.name}: {name} ({by_name[name].gpu_fault}) draining; "
-                              f"{remaining} pods asked to leave through the Eviction API")
-
-    async def replace(name: str) -> None:
-        await replace_node(cluster, pool, name)
-        deletes[name] = time.time()
-        metrics.remediations_total.labels(*labels, "replace", by_name[name].gpu_fault).inc()
-        kopf.info(body, reason="NodeReplaced",
-                  message=f"pool {pool.name}: {name} ({by_name[name].gpu_fault}) drained and deleted; "
-                          "a new node takes its place")
-
-    async def release(name: str) -> None:
-        await kube_nodes.release_quarantine(name)
-        quarantine_writes[name] = (False, time.time())
-        metrics.remediations_total.labels(*labels, "uncordon", "Recovered").inc()
-        kopf.info(body, reason="NodeRecovered",
-                  message=f"pool {pool.name}: {name} GPUs healthy again; uncordoned")
-
-    # Quarantine first and alone: it is what takes the faulty GPUs out of
-    # scheduling, and the rest can wait the few milliseconds.
     quarantined = await _each(plan.quarantine, quarantine)
-    memory.draining &= set(plan.drain)
-    await _each(plan.drain, drain)
-    await _each(plan.replace, replace)
-    await _each(plan.release, release)
-    memory.unseen = UnseenWrites(quarantine_writes, deletes)
+    if not memory.following_through() and (plan.drain or plan.replace or plan.release):
+        memory.follow_through = asyncio.create_task(follow_through(body, pool, plan, by_name, memory))
 
     metrics.remediation_budget_exhausted.labels(*labels).set(1 if plan.budget_exhausted else 0)
     window = [rfc3339(t) for t in sorted(recent + [now] * len(quarantined))]
@@ -180,6 +152,47 @@ async def remediate_pool(body: Any, pool: api.NodePool, owned: Sequence[Observed
                    cluster, {"status": {"remediation": {pool.name: new_status}}})
     metrics.reconcile_duration_seconds.labels("Remediation").observe(time.monotonic() - started)
     return plan
+
+
+async def follow_through(body: Any, pool: api.NodePool, plan: RemediationPlan,
+                         by_name: Mapping[str, ObservedNode], memory: PoolRemediation) -> None:
+    """A pass's drains, replacements and releases, on threads of their own:
+    the pass's cordons never queue behind them."""
+    client.LANE.set("drain")
+    labels = (body["metadata"]["name"], pool.name)
+
+    async def drain(name: str) -> None:
+        remaining = await kube_nodes.evict_pods(name)
+        if name not in memory.draining:
+            memory.draining.add(name)
+            metrics.remediations_total.labels(*labels, "drain", by_name[name].gpu_fault).inc()
+            kopf.info(body, reason="NodeDraining",
+                      message=f"pool {pool.name}: {name} ({by_name[name].gpu_fault}) draining; "
+                              f"{remaining} pods asked to leave through the Eviction API")
+
+    async def replace(name: str) -> None:
+        await replace_node(labels[0], pool, name)
+        memory.remember_delete(name, time.time())
+        metrics.remediations_total.labels(*labels, "replace", by_name[name].gpu_fault).inc()
+        kopf.info(body, reason="NodeReplaced",
+                  message=f"pool {pool.name}: {name} ({by_name[name].gpu_fault}) drained and deleted; "
+                          "a new node takes its place")
+
+    async def release(name: str) -> None:
+        await kube_nodes.release_quarantine(name)
+        memory.remember_quarantine(name, False, time.time())
+        metrics.remediations_total.labels(*labels, "uncordon", "Recovered").inc()
+        kopf.info(body, reason="NodeRecovered",
+                  message=f"pool {pool.name}: {name} GPUs healthy again; uncordoned")
+
+    memory.draining &= set(plan.drain)
+    try:
+        await _each(plan.drain, drain)
+        await _each(plan.replace, replace)
+        await _each(plan.release, release)
+    except Exception as err:
+        metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()
+        log.exception("remediation of %s/%s: drains, replacements or releases failed", labels[0], pool.name)
 
 
 async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[str] | None,
@@ -245,6 +258,7 @@ async def remediation_daemon(*, name: str, stopped: kopf.DaemonStopped, memo: An
                 log.exception("remediation pass of %s failed", name)
             wanted = await _next_pass(passes, stopped)
     finally:
+        await passes.finish()
         if state.remediation.get(name) is passes:
             del state.remediation[name]
         if stopped.reason is not None and kopf.DaemonStoppingReason.OPERATOR_PAUSING in stopped.reason:

@@ -45,9 +45,10 @@ def custom() -> kubernetes.client.CustomObjectsApi:
 # The thread pool a call waits in, set per task (and inherited by the tasks
 # it starts). Remediation has a lane of its own: measured at 1,000 nodes, a
 # quarantine queued behind an admission cycle's hundreds of pod creations
-# took 11 s to reach the API server.
+# took 11 s to reach the API server. Its drains have another: a cordon
+# queued behind a hundred nodes' pod lists and evictions.
 LANE: contextvars.ContextVar[str] = contextvars.ContextVar("kube_lane", default="default")
-LANE_THREADS = {"default": CONCURRENCY, "remediation": 8}
+LANE_THREADS = {"default": CONCURRENCY, "remediation": 8, "drain": 8}
 
 
 @functools.cache
