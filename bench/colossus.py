@@ -509,7 +509,7 @@ def main() -> int:
                 metrics_port, "gpucluster_reconcile_duration_seconds_bucket").items() if '"Remediation"' in key}
             rows.append(("3. one remediation pass p50 / p99 ms",
                          f"{quantile_ms(passes, 0.5)} / {quantile_ms(passes, 0.99)}",
-                         "the cordons of one pool and its status (drains and replacements go on beside), since the start"))
+                         "one pool's cordons and status (drains and replacements go on beside), since the start"))
             # Fatal XIDs: each faulty node is drained (its gang restarts
             # elsewhere) and replaced, never more of a pool out at once than
             # its budget allows.
