@@ -1,9 +1,9 @@
 """A remediation pass cordons without waiting for the drains of the passes
 before it, and a daemon that stops waits for those drains.
 
-At 25,000 nodes a drain is a pod list and evictions per node on a loaded API
-server; when passes waited for them, a fault came to its cordon up to 33 s
-late. The API calls are the only parts replaced here.
+A drain is a pod list and evictions per node on a loaded API server; when
+passes waited for them, a cordon came up to 4.8 s after its node's fault at
+2,000 nodes. The API calls are the only parts replaced here.
 """
 
 from __future__ import annotations
