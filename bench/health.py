@@ -41,6 +41,7 @@ class NodeHealthWatch:
         self.quarantined_at: dict[str, float] = {}
         self.unhealthy_at: dict[str, float] = {}
         self.healthy: set[str] = set()
+        self.judged: set[str] = set()  # shown GPUHealthy=True at least once: the agent's first write landed
         self.ready: set[str] = set()
         self.out: set[str] = set()  # tainted nvidia.com/gpu-error now
         self.deleted_at: dict[str, float] = {}
@@ -65,6 +66,8 @@ class NodeHealthWatch:
             self.ready.add(name)
         else:
             self.ready.discard(name)
+        if kind != "DELETED" and conditions.get(names.CONDITION_GPU_HEALTHY) == "True":
+            self.judged.add(name)
         if name in self.ready and conditions.get(names.CONDITION_GPU_HEALTHY) == "True":
             self.healthy.add(name)
         else:
