@@ -359,12 +359,12 @@ def main() -> int:
             nodes = NodeHealthWatch(bench, f"{names.LABEL_CLUSTER}={cluster}")
             jobs = JobWatch(bench)
             started = time.time()
-            faults_injected = 0
+            injected: dict[str, float] = {}  # node -> when its fault was sent
             sampling = threading.Event()
 
             def sample() -> None:
                 while not sampling.wait(1.0):
-                    timeline.sample(started, nodes, jobs, faults_injected)
+                    timeline.sample(started, nodes, jobs, len(injected))
 
             threading.Thread(target=sample, daemon=True).start()
 
@@ -489,8 +489,7 @@ def main() -> int:
             restarts_before = sum(jobs.restarts.values())
             busy = sorted(nodes.healthy)[:: max(1, args.nodes // args.faults)][: args.faults]
             profiler.window("3", operator.pid)
-            injected = inject(bench, busy, 0.1)
-            faults_injected = len(injected)
+            inject(bench, busy, 0.1, injected)
             wait(lambda: all(n in nodes.quarantined_at for n in busy), 600, "every faulty node quarantined")
             to_cordon = [nodes.quarantined_at[n] - injected[n] for n in busy]
             # The two hops, each as this bench's own watch saw its end: the

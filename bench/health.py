@@ -84,9 +84,12 @@ def wait(check: Any, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def inject(bench: BenchCluster, nodes: list[str], spacing_s: float) -> dict[str, float]:
-    """XID 79 on one GPU of each node; returns when each was injected."""
-    injected: dict[str, float] = {}
+def inject(bench: BenchCluster, nodes: list[str], spacing_s: float,
+           injected: dict[str, float] | None = None) -> dict[str, float]:
+    """XID 79 on one GPU of each node; returns when each was injected, in
+    `injected` when given (filled as it goes: on a loaded API server each
+    patch takes seconds)."""
+    injected = {} if injected is None else injected
     for index, node in enumerate(nodes):
         injected[node] = time.time()
         read_reply(bench.core.patch_node(node, {"metadata": {"annotations": {
