@@ -368,10 +368,11 @@ def main() -> int:
 
             threading.Thread(target=sample, daemon=True).start()
 
+            colossus = manifest(cluster, args.nodes)
             cpu0 = cpu_now(operator.pid)
             applied = time.monotonic()
             profiler.window("1", operator.pid)
-            bench.kubectl("apply", "-f", "-", input=json.dumps(manifest(cluster, args.nodes)))
+            bench.kubectl("apply", "-f", "-", input=json.dumps(colossus))
             custom = kubernetes.client.CustomObjectsApi(bench.core.api_client)
             shown: list[str] = []  # status.nodes, `kubectl get tc`'s NODES column, as it grows
 
@@ -518,7 +519,7 @@ def main() -> int:
                 wait(lambda: all(n in nodes.deleted_at for n in busy), REPLACED_WITHIN_S, "faulty nodes replaced")
             replaced = [nodes.deleted_at[n] - nodes.quarantined_at[n] for n in busy if n in nodes.deleted_at]
             budget = sum(RemediationBudget(max_unavailable=pool["remediation"]["maxUnavailable"])
-                         .unavailable_allowed(pool["nodes"]) for pool in manifest(cluster, args.nodes)["spec"]["pools"])
+                         .unavailable_allowed(pool["nodes"]) for pool in colossus["spec"]["pools"])
             rows.append(("3. faulty nodes replaced, cordon->deleted p50 / p99 s",
                          f"{len(replaced)} of {len(busy)}",
                          (f"{statistics.median(replaced):.1f} / {percentile(replaced, 0.99):.1f}; " if replaced

@@ -159,7 +159,8 @@ async def follow_through(body: Any, pool: api.NodePool, plan: RemediationPlan,
     """A pass's drains, replacements and releases, on threads of their own:
     the pass's cordons never queue behind them."""
     client.LANE.set("drain")
-    labels = (body["metadata"]["name"], pool.name)
+    cluster = body["metadata"]["name"]
+    labels = (cluster, pool.name)
 
     async def drain(name: str) -> None:
         remaining = await kube_nodes.evict_pods(name)
@@ -171,7 +172,7 @@ async def follow_through(body: Any, pool: api.NodePool, plan: RemediationPlan,
                               f"{remaining} pods asked to leave through the Eviction API")
 
     async def replace(name: str) -> None:
-        await replace_node(labels[0], pool, name)
+        await replace_node(cluster, pool, name)
         memory.remember_delete(name, time.time())
         metrics.remediations_total.labels(*labels, "replace", by_name[name].gpu_fault).inc()
         kopf.info(body, reason="NodeReplaced",
@@ -192,7 +193,7 @@ async def follow_through(body: Any, pool: api.NodePool, plan: RemediationPlan,
         await _each(plan.release, release)
     except Exception as err:
         metrics.reconcile_errors_total.labels("Remediation", type(err).__name__).inc()
-        log.exception("remediation of %s/%s: drains, replacements or releases failed", labels[0], pool.name)
+        log.exception("remediation of %s/%s: drains, replacements or releases failed", cluster, pool.name)
 
 
 async def _remediate_cluster(name: str, passes: ClusterRemediation, wanted: set[str] | None,
