@@ -85,15 +85,20 @@ def wait(check: Any, timeout: float, what: str) -> None:
 
 
 def inject(bench: BenchCluster, nodes: list[str], spacing_s: float,
-           injected: dict[str, float] | None = None) -> dict[str, float]:
-    """XID 79 on one GPU of each node; returns when each was injected, in
-    `injected` when given (filled as it goes: on a loaded API server each
-    patch takes seconds)."""
+           injected: dict[str, float] | None = None, patch_s: list[float] | None = None) -> dict[str, float]:
+    """XID 79 on one GPU of each node; returns when each fault was on its
+    Node (the patch answered), in `injected` when given (filled as it goes: on
+    a loaded API server each patch takes seconds), and how long each patch
+    took in `patch_s`. A real fault is on the node when it happens; the time
+    this client's write spends queued at the API server is not the product's."""
     injected = {} if injected is None else injected
     for index, node in enumerate(nodes):
-        injected[node] = time.time()
+        sent = time.time()
         read_reply(bench.core.patch_node(node, {"metadata": {"annotations": {
             "gpucluster.dev/inject-fault": f"gpu={index % 8},xid=79"}}}, _preload_content=False))
+        injected[node] = time.time()
+        if patch_s is not None:
+            patch_s.append(injected[node] - sent)
         time.sleep(spacing_s)
     return injected
 
