@@ -47,13 +47,16 @@
    pack; how many of their placements broke a required level is reported
    (the third shows what honouring it costs first-fit). So is
    the longest wait of the largest jobs (the top size class; one still
-   queued at the end counts until then): whether a policy starves them. One
-   priority level, so no policy preempts.
+   queued at the end counts until then): whether a policy starves them; and
+   where each policy left GPUs free while jobs waited (held for a waiting
+   head, whole idle nodes, parts of nodes), seen after each of its cycles.
+   One priority level, so no policy preempts.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import gc
 import random
@@ -67,6 +70,7 @@ from gpucluster.planning.lifecycle import Planner
 from gpucluster.planning.scheduling import (
     AdmissionCycle,
     AdmissionPlan,
+    CapacityCache,
     NodeSnapshot,
     PendingJob,
     RunningGang,
@@ -280,6 +284,53 @@ def first_fit_policy(skip_blocked: bool, keep_levels: bool = False) -> Planner:
     return first_fit
 
 
+@dataclasses.dataclass
+class IdleMeter:
+    """A policy in the planner's place, and the GPUs it left free after each
+    of its cycles while jobs waited, by where they were: on nodes held for a
+    waiting head (its reservation), on whole idle nodes, or in parts of
+    nodes. GPUs a gang gives back between two cycles (the simulated cycle
+    lag) are not seen here; a policy runs only while jobs wait."""
+
+    policy: Planner | None  # None: the operator's planner
+    cache: CapacityCache = dataclasses.field(default_factory=CapacityCache)
+    # (cycle time, GPUs held for heads, on whole idle nodes, in parts of nodes)
+    cycles: list[tuple[float, int, int, int]] = dataclasses.field(default_factory=list)
+
+    def __call__(self, nodes: list[NodeSnapshot], running: list[RunningGang], pending: list[PendingJob],
+                 now: float) -> AdmissionPlan:
+        plan = (plan_admissions(nodes, running, pending, now=now, cache=self.cache) if self.policy is None
+                else self.policy(nodes, running, pending, now))
+        free = {node.name: node.allocatable_gpus if node.schedulable else 0 for node in nodes}
+        for gang in running:
+            for name, gpus in gang.gpus_by_node.items():
+                free[name] -= gpus
+        worker_gpus = {job.key: job.gpus_per_worker for job in pending}
+        for key, ranks in plan.admissions.items():
+            for name in ranks:
+                free[name] -= worker_gpus[key]
+        held = {name for reserved in plan.reservations.values() for name in reserved}
+        whole = {node.name for node in nodes if free[node.name] == node.allocatable_gpus} - held
+        self.cycles.append((now, sum(free[name] for name in held), sum(free[name] for name in whole),
+                            sum(gpus for name, gpus in free.items() if name not in held and name not in whole)))
+        return plan
+
+    def shares(self, report: Report, start: float, end: float) -> tuple[float, float, float]:
+        """GPU-time left free after a cycle, as shares of all GPU-time from
+        `start` to `end`: each cycle's state holds until the next cycle, or
+        until the queue is empty (the report's samples say when)."""
+        emptied = [sample.at for sample in report.samples if sample.queued_jobs == 0]
+        totals = [0.0, 0.0, 0.0]
+        for (at, *gpus), (following, *_) in zip(self.cycles, [*self.cycles[1:], (end, 0, 0, 0)], strict=True):
+            empty_at = bisect.bisect_right(emptied, at)
+            until = min(following, emptied[empty_at] if empty_at < len(emptied) else end, end)
+            seconds = max(0.0, until - max(at, start))
+            for kind, count in enumerate(gpus):
+                totals[kind] += count * seconds
+        available = report.total_gpus * (end - start)
+        return totals[0] / available, totals[1] / available, totals[2] / available
+
+
 def domains(nodes: list[NodeSnapshot], level: TopologyLevel | None) -> list[list[NodeSnapshot]]:
     """The pool, or its blocks or racks, each in name order."""
     if level is None:
@@ -362,8 +413,10 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
         ("first-fit (skipping)", first_fit_policy(skip_blocked=True), trace),
         ("first-fit (skip, lvl)", first_fit_policy(skip_blocked=True, keep_levels=True), trace),
     ):
-        report = Simulation(cluster, jobs, cycle_s=CYCLE_SECONDS, planner=policy).run(until=horizon)
+        meter = IdleMeter(policy)
+        report = Simulation(cluster, jobs, cycle_s=CYCLE_SECONDS, planner=meter).run(until=horizon)
         utilisation = report.utilisation_between(warmup, horizon)
+        held, whole, parts = meter.shares(report, warmup, horizon)
         results[name] = utilisation
         waits = sorted(job.first_admitted - job.trace.arrival
                        for job in report.jobs if job.first_admitted is not None)
@@ -379,7 +432,9 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
             f">=128-GPU jobs: median wait {big_text}, "
             f"{sum(job.first_admitted is None for job in big):3d} never "
             f"started   {largest_size[0]}x{largest_size[1]} jobs: longest wait "
-            f"{longest_wait(report, largest)}   required level broken {report.topology_broken}"
+            f"{longest_wait(report, largest)}   required level broken {report.topology_broken}   "
+            f"free while jobs waited: held for heads {held:.2%}, whole nodes {whole:.2%}, "
+            f"parts of nodes {parts:.2%}"
         )
     print(
         f"    utilisation ratio planner / first-fit (blocking) "

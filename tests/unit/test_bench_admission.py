@@ -50,9 +50,15 @@ def test_quick_utilisation_part_prints_its_tables(monkeypatch: pytest.MonkeyPatc
     out = capsys.readouterr().out
     rows = re.findall(r"^    (.{21}) utilisation +(\d+\.\d\d)%   started +\d+   median wait +[\d.]+ h   "
                       r">=128-GPU jobs: median wait +(?:[\d.]+ h|-), +\d+ never started   64x8 jobs: "
-                      r"longest wait +>?[\d.]+ h   required level broken (\d+)$", out, re.MULTILINE)
+                      r"longest wait +>?[\d.]+ h   required level broken (\d+)   free while jobs waited: "
+                      r"held for heads (\d+\.\d\d)%, whole nodes (\d+\.\d\d)%, parts of nodes (\d+\.\d\d)%$",
+                      out, re.MULTILINE)
     names = ["planner", "planner (no limits)", "first-fit (blocking)", "first-fit (skipping)",
              "first-fit (skip, lvl)"]
-    assert [name.strip() for name, _, _ in rows] == names * 2, out
-    assert all(broken == "0" for name, _, broken in rows if name.strip() in names[:2] + names[4:])
+    assert [row[0].strip() for row in rows] == names * 2, out
+    assert all(row[2] == "0" for row in rows if row[0].strip() in names[:2] + names[4:])
+    # Only the planner holds GPUs for a head; what is free while jobs wait
+    # is part of what no gang held.
+    assert all(float(row[3]) == 0 for row in rows if row[0].strip().startswith("first-fit"))
+    assert all(float(row[3]) + float(row[4]) + float(row[5]) < 100 - float(row[1]) for row in rows)
     assert out.count("utilisation ratio planner / first-fit (blocking)") == 2
