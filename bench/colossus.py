@@ -467,7 +467,8 @@ def main() -> int:
             rows.append(("2. submit->admitted p50 / p99 s", f"{statistics.median(latencies):.2f} / "
                          f"{percentile(latencies, 0.99):.2f}",
                          f"{len(latencies)} of {len(submitted)} admitted, "
-                         f"{len(latencies) / (last - first):.1f} jobs/s"))
+                         f"{len(latencies) / (last - first):.1f} jobs/s; {sum(jobs.restarts.values())} gang "
+                         f"restarts before any fault was injected"))
             per_job = metric(metrics_port, "gpucluster_admission_job_decision_seconds_bucket")
             decided = sum(count for key, count in per_job.items() if '"+Inf"' in key)
             rows.append(("2. one planner decision p50 / p99 ms",
