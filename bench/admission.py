@@ -241,6 +241,15 @@ def bench_cluster(node_count: int) -> TrainingClusterSpec:
         "topology": {"nodesPerRack": NODES_PER_RACK, "racksPerBlock": RACKS_PER_BLOCK}}]})
 
 
+def free_gpus(nodes: list[NodeSnapshot], running: list[RunningGang]) -> dict[str, int]:
+    """GPUs free on each node now: none on an unschedulable one."""
+    free = {node.name: node.allocatable_gpus if node.schedulable else 0 for node in nodes}
+    for gang in running:
+        for name, gpus in gang.gpus_by_node.items():
+            free[name] -= gpus
+    return free
+
+
 def first_fit_policy(skip_blocked: bool, keep_levels: bool = False) -> Planner:
     """A baseline in the planner's place: in queue order, each worker on the
     first node of its pool, in name order, with room. Not blocking: a job
@@ -250,10 +259,7 @@ def first_fit_policy(skip_blocked: bool, keep_levels: bool = False) -> Planner:
 
     def first_fit(nodes: list[NodeSnapshot], running: list[RunningGang], pending: list[PendingJob],
                   now: float) -> AdmissionPlan:
-        free = {node.name: node.allocatable_gpus if node.schedulable else 0 for node in nodes}
-        for gang in running:
-            for name, gpus in gang.gpus_by_node.items():
-                free[name] -= gpus
+        free = free_gpus(nodes, running)
         # Only nodes with room now, each pool's in name order: a first fit
         # passes over the others anyway.
         with_room: dict[str, list[NodeSnapshot]] = {}
@@ -301,10 +307,7 @@ class IdleMeter:
                  now: float) -> AdmissionPlan:
         plan = (plan_admissions(nodes, running, pending, now=now, cache=self.cache) if self.policy is None
                 else self.policy(nodes, running, pending, now))
-        free = {node.name: node.allocatable_gpus if node.schedulable else 0 for node in nodes}
-        for gang in running:
-            for name, gpus in gang.gpus_by_node.items():
-                free[name] -= gpus
+        free = free_gpus(nodes, running)
         worker_gpus = {job.key: job.gpus_per_worker for job in pending}
         for key, ranks in plan.admissions.items():
             for name in ranks:
