@@ -62,3 +62,15 @@ def test_quick_utilisation_part_prints_its_tables(monkeypatch: pytest.MonkeyPatc
     assert all(float(row[3]) == 0 for row in rows if row[0].strip().startswith("first-fit"))
     assert all(float(row[3]) + float(row[4]) + float(row[5]) < 100 - float(row[1]) for row in rows)
     assert out.count("utilisation ratio planner / first-fit (blocking)") == 2
+
+
+def test_means_pair_each_trace_with_the_planner(capsys: pytest.CaptureFixture[str]) -> None:
+    """Three traces: the planner 0.2 points ahead of the baseline in two and
+    0.1 behind in one; the ratio is of the means, the difference paired."""
+    runs = [{"planner": 0.902, "baseline": 0.900}, {"planner": 0.951, "baseline": 0.949},
+            {"planner": 0.800, "baseline": 0.801}]
+    admission.print_means(0.9, runs)
+    out = capsys.readouterr().out
+    assert "planner / baseline 1.0011x" in out, out
+    # mean +0.1; differences 0.2, 0.2, -0.1: stdev 0.1732, over sqrt(3)
+    assert "planner - baseline: +0.100 points per trace (standard error 0.100), ahead in 2 of 3" in out, out
