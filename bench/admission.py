@@ -50,7 +50,10 @@
    queued at the end counts until then): whether a policy starves them; and
    where each policy left GPUs free while jobs waited (held for a waiting
    head, whole idle nodes, parts of nodes), seen after each of its cycles.
-   One priority level, so no policy preempts.
+   One priority level, so no policy preempts. With several traces a load
+   (--traces), the means come with the planner's difference to each
+   baseline paired trace by trace: a trace moves every policy alike, and
+   the policies are hundredths of a point apart.
 """
 
 from __future__ import annotations
