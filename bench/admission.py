@@ -1,7 +1,7 @@
 """Benchmark of the TrainingJob admission planner.
 
     PYTHONPATH=operator python bench/admission.py [--quick] [--seed N] [--traces K]
-                                                  [--skip-latency]
+                                                  [--skip-latency] [--jobs J]
 
 1. Decision latency. A pool pair (80% H100, 20% H200) of 5,000 and of
    25,000 nodes x 8 GPUs (racks of 4 nodes, blocks of 8 racks), about 80%
@@ -32,6 +32,9 @@
      and backfill onto the head's reservation of jobs whose limits end them
      before the head's start);
    - planner (no limits): the same trace with no job declaring a limit;
+   - planner (no required): the same trace with every required topology
+     level made preferred: what honouring required levels costs the
+     planner, which the first two baselines do not pay;
    - first-fit (blocking): queue order, each worker on the first node in
      name order with room, no topology; the first job that does not fit
      blocks everything behind it (strict FIFO, like Kueue's StrictFIFO
@@ -51,7 +54,7 @@
    where each policy left GPUs free while jobs waited (held for a waiting
    head, whole idle nodes, parts of nodes), seen after each of its cycles.
    One priority level, so no policy preempts. With several traces a load
-   (--traces), the means come with the planner's difference to each
+   (--traces, simulated --jobs at a time), the means come with the planner's difference to each
    baseline paired trace by trace: a trace moves every policy alike, and
    the policies are hundredths of a point apart.
 """
@@ -62,11 +65,13 @@ import argparse
 import bisect
 import dataclasses
 import gc
+import os
 import random
 import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 from gpucluster.api.cluster import TrainingClusterSpec
 from gpucluster.planning.lifecycle import Planner
@@ -396,25 +401,28 @@ def longest_wait(report: Report, jobs: Sequence[JobRecord]) -> str:
     return f"{'>' if still_queued else ' '}{wait / HOUR:4.1f} h"
 
 
-def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> dict[str, float]:
-    """Prints one trace's table; returns each policy's utilisation."""
+def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> tuple[str, dict[str, float]]:
+    """One trace's table, and each policy's utilisation."""
     cluster = bench_cluster(node_count)
     trace = make_trace(node_count, hours, load, seed=seed)
     warmup, horizon = 6 * HOUR, hours * HOUR
     capacity = node_count * GPUS_PER_NODE
     largest_size = max(JOB_SIZES, key=lambda size: size[0] * size[1])
     offered = sum(job.gpus * job.runtime for job in trace) / (capacity * horizon)
-    print(
+    lines = [
         f"  offered load {offered:.2f}x (GPU-hours asked / available; target {load}x): "
         f"{len(trace)} jobs over {hours:.0f} h on {node_count} nodes ({capacity} GPUs), "
         f"a cycle every {CYCLE_SECONDS:.0f} s, utilisation from {warmup / HOUR:.0f} h to "
         f"{hours:.0f} h"
-    )
+    ]
     without_limits = [dataclasses.replace(job, deadline_s=None) for job in trace]
+    without_required = [dataclasses.replace(job, topology_mode="preferred") if job.topology_mode == "required"
+                        else job for job in trace]
     results = {}
     for name, policy, jobs in (
         ("planner", None, trace),
         ("planner (no limits)", None, without_limits),
+        ("planner (no required)", None, without_required),
         ("first-fit (blocking)", first_fit_policy(skip_blocked=False), trace),
         ("first-fit (skipping)", first_fit_policy(skip_blocked=True), trace),
         ("first-fit (skip, lvl)", first_fit_policy(skip_blocked=True, keep_levels=True), trace),
@@ -432,7 +440,7 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
         big_text = f"{statistics.median(big_waits) / HOUR:4.1f} h" if big_waits else "   -  "
         largest = [job for job in report.jobs
                    if (job.trace.workers, job.trace.gpus_per_worker) == largest_size]
-        print(
+        lines.append(
             f"    {name:<21} utilisation {utilisation:6.2%}   started {report.started:4d}   "
             f"median wait {statistics.median(waits) / HOUR:4.1f} h   "
             f">=128-GPU jobs: median wait {big_text}, "
@@ -442,7 +450,7 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
             f"free while jobs waited: held for heads {held:.2%}, whole nodes {whole:.2%}, "
             f"parts of nodes {parts:.2%}"
         )
-    print(
+    lines.append(
         f"    utilisation ratio planner / first-fit (blocking) "
         f"{results['planner'] / results['first-fit (blocking)']:.3f}x, "
         f"planner / first-fit (skipping) "
@@ -450,7 +458,7 @@ def bench_utilisation(node_count: int, hours: float, load: float, seed: int) -> 
         f"planner / first-fit (skip, lvl) "
         f"{results['planner'] / results['first-fit (skip, lvl)']:.3f}x"
     )
-    return results
+    return "\n".join(lines), results
 
 
 def print_means(load: float, runs: Sequence[dict[str, float]]) -> None:
@@ -480,19 +488,27 @@ def main() -> None:
     parser.add_argument("--traces", type=int, default=3,
                         help="traces per load (seeds from --seed on); their means are compared")
     parser.add_argument("--skip-latency", action="store_true", help="only the utilisation part")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="traces simulated at once, one process each (default: one per CPU)")
     args = parser.parse_args()
     cycles = 1 if args.quick else 3
     if not args.skip_latency:
         print("1. decision latency")
         for node_count in (5_000, 25_000):
             bench_decisions(node_count, 1_000, cycles, args.seed)
-    print("2. utilisation on a simulated trace")
+    print("2. utilisation on a simulated trace", flush=True)
     traces = 1 if args.quick else args.traces
-    for load in (0.9, 1.3):
-        runs = [bench_utilisation(256 if args.quick else 512, 36 if args.quick else 72, load, seed)
-                for seed in range(args.seed, args.seed + traces)]
-        if traces > 1:
-            print_means(load, runs)
+    node_count, hours = (256, 36) if args.quick else (512, 72)
+    seeds = range(args.seed, args.seed + traces)
+    with ProcessPoolExecutor(max(1, min(args.jobs, traces))) as pool:
+        for load in (0.9, 1.3):
+            runs = []
+            for table, results in pool.map(bench_utilisation, [node_count] * traces, [hours] * traces,
+                                           [load] * traces, seeds):
+                print(table, flush=True)
+                runs.append(results)
+            if traces > 1:
+                print_means(load, runs)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,11 @@ def test_quick_utilisation_part_prints_its_tables(monkeypatch: pytest.MonkeyPatc
                       r"longest wait +>?[\d.]+ h   required level broken (\d+)   free while jobs waited: "
                       r"held for heads (\d+\.\d\d)%, whole nodes (\d+\.\d\d)%, parts of nodes (\d+\.\d\d)%$",
                       out, re.MULTILINE)
-    names = ["planner", "planner (no limits)", "first-fit (blocking)", "first-fit (skipping)",
-             "first-fit (skip, lvl)"]
+    names = ["planner", "planner (no limits)", "planner (no required)", "first-fit (blocking)",
+             "first-fit (skipping)", "first-fit (skip, lvl)"]
     assert [row[0].strip() for row in rows] == names * 2, out
-    assert all(row[2] == "0" for row in rows if row[0].strip() in names[:2] + names[4:])
+    keeping_levels = {"planner", "planner (no limits)", "planner (no required)", "first-fit (skip, lvl)"}
+    assert all(row[2] == "0" for row in rows if row[0].strip() in keeping_levels)
     # Only the planner holds GPUs for a head; what is free while jobs wait
     # is part of what no gang held.
     assert all(float(row[3]) == 0 for row in rows if row[0].strip().startswith("first-fit"))
