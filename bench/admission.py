@@ -34,7 +34,7 @@
    - planner (no limits): the same trace with no job declaring a limit;
    - planner (no required): the same trace with every required topology
      level made preferred: what honouring required levels costs the
-     planner, which the first two baselines do not pay;
+     planner, which blocking and skipping first-fit do not pay;
    - first-fit (blocking): queue order, each worker on the first node in
      name order with room, no topology; the first job that does not fit
      blocks everything behind it (strict FIFO, like Kueue's StrictFIFO
@@ -54,9 +54,10 @@
    where each policy left GPUs free while jobs waited (held for a waiting
    head, whole idle nodes, parts of nodes), seen after each of its cycles.
    One priority level, so no policy preempts. With several traces a load
-   (--traces, simulated --jobs at a time), the means come with the planner's difference to each
-   baseline paired trace by trace: a trace moves every policy alike, and
-   the policies are hundredths of a point apart.
+   (--traces, simulated --jobs at a time), the means come with the
+   planner's difference to each other policy paired trace by trace: a
+   trace moves every policy alike, and they are hundredths of a point
+   apart.
 """
 
 from __future__ import annotations
