@@ -78,10 +78,10 @@ class NodeLog:
     """What the node watch saw of one node: when its status was last
     written, and the status posts that followed (KWOK's delay counts from
     its last write). Other writers' changes do not restart that delay and
-    are not counted: the TTL controller annotates every node when the
-    shared cluster's node count crosses 100 (other tests' nodes come and
-    go), and a KWOK post 10 s after that annotation was once taken for a
-    post 10 s after the node's last change."""
+    are not counted: a KWOK post 10 s after another writer's change was
+    once taken for a post 10 s after the node's last change (likely the
+    TTL controller, which annotates every node when the shared cluster's
+    node count crosses 100 as other tests' nodes come and go)."""
 
     status_written: float = 0.0
     ready_since: float | None = None
