@@ -500,12 +500,15 @@ def main() -> None:
     print("2. utilisation on a simulated trace", flush=True)
     traces = 1 if args.quick else args.traces
     node_count, hours = (256, 36) if args.quick else (512, 72)
-    seeds = range(args.seed, args.seed + traces)
-    with ProcessPoolExecutor(max(1, min(args.jobs, traces))) as pool:
-        for load in (0.9, 1.3):
+    loads = (0.9, 1.3)
+    with ProcessPoolExecutor(max(1, min(args.jobs, traces * len(loads)))) as pool:
+        # Both loads' traces at once, so no process waits for the first load's last trace.
+        tables = {load: [pool.submit(bench_utilisation, node_count, hours, load, seed)
+                         for seed in range(args.seed, args.seed + traces)] for load in loads}
+        for load, futures in tables.items():
             runs = []
-            for table, results in pool.map(bench_utilisation, [node_count] * traces, [hours] * traces,
-                                           [load] * traces, seeds):
+            for future in futures:
+                table, results = future.result()
                 print(table, flush=True)
                 runs.append(results)
             if traces > 1:
